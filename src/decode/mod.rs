@@ -1,0 +1,415 @@
+//! Envelope decoding: message payload bytes → [`Event`], or a [`Poison`] verdict.
+//!
+//! Two envelope formats: CloudEvents 1.0 structured JSON (the default) and a field map for
+//! other envelopes (`eventId`, `eventType`, `payload`, ...). Decoding is pure: it never touches
+//! the network or the store, and every failure is a bounded [`ErrorCode`].
+
+mod code;
+
+pub use code::{ErrorCode, Poison};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A decoded envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The envelope id (`id` in CloudEvents).
+    pub id: String,
+    /// The event type (`type` in CloudEvents); `delete_on` matches it.
+    pub event_type: String,
+    /// The event (schema) version, when the envelope has one, as text.
+    pub version: Option<String>,
+    /// The event time as written in the envelope, when present.
+    pub time: Option<String>,
+    /// The idempotency key, when the envelope carries one apart from its id.
+    pub idempotency_key: Option<String>,
+    /// The correlation id from the envelope, when present.
+    pub correlation_id: Option<String>,
+    /// The event's data (`data` in CloudEvents); `null` when absent.
+    pub data: Value,
+    /// The other top-level fields of the envelope, for `{FIELD}` templates.
+    pub envelope: Map<String, Value>,
+}
+
+impl Event {
+    /// The id that dedupe compares: the idempotency key when present, else the envelope id.
+    pub fn dedupe_id(&self) -> &str {
+        self.idempotency_key.as_deref().unwrap_or(&self.id)
+    }
+
+    /// A CloudEvents-like event for tests and examples.
+    pub fn for_tests(id: &str, event_type: &str, data: Value) -> Event {
+        let mut envelope = Map::new();
+        envelope.insert("id".into(), Value::String(id.into()));
+        envelope.insert("type".into(), Value::String(event_type.into()));
+        envelope.insert("source".into(), Value::String("tests".into()));
+        envelope.insert("specversion".into(), Value::String("1.0".into()));
+        Event {
+            id: id.into(),
+            event_type: event_type.into(),
+            version: None,
+            time: None,
+            idempotency_key: None,
+            correlation_id: None,
+            data,
+            envelope,
+        }
+    }
+}
+
+/// Where the fields of a non-CloudEvents envelope live (top-level field names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FieldMap {
+    /// The event id field (required in every event).
+    pub id: String,
+    /// The event type field (required in every event).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The event version field (integer or string), optional.
+    pub version: Option<String>,
+    /// The event time field, optional.
+    pub time: Option<String>,
+    /// The idempotency key field, optional; when present in an event it is what dedupe uses.
+    pub idempotency_key: Option<String>,
+    /// The data (payload) field; an event without it has `null` data.
+    pub data: String,
+    /// The correlation id field, optional.
+    pub correlation_id: Option<String>,
+}
+
+impl Default for FieldMap {
+    fn default() -> Self {
+        FieldMap {
+            id: "eventId".into(),
+            event_type: "eventType".into(),
+            version: Some("eventVersion".into()),
+            time: Some("timestamp".into()),
+            idempotency_key: Some("idempotencyKey".into()),
+            data: "payload".into(),
+            correlation_id: Some("correlationId".into()),
+        }
+    }
+}
+
+/// The envelope format of a projection's events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    /// CloudEvents 1.0 structured mode (`id`, `type`, `source`, `specversion`, `data`...).
+    CloudEvents,
+    /// Any JSON object envelope described by a field map.
+    Fields(FieldMap),
+}
+
+/// Decodes payloads of one projection.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    /// The envelope format.
+    pub format: Format,
+    /// Payloads above this many bytes are `too_large`.
+    pub max_bytes: usize,
+    /// Payloads nesting deeper than this are `too_deep`.
+    pub max_depth: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            format: Format::CloudEvents,
+            max_bytes: 1024 * 1024,
+            max_depth: 64,
+        }
+    }
+}
+
+impl Decoder {
+    /// Decodes one payload.
+    pub fn decode(&self, payload: &[u8]) -> Result<Event, Poison> {
+        if payload.len() > self.max_bytes {
+            return Err(Poison::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "payload is {} bytes, the limit is {}",
+                    payload.len(),
+                    self.max_bytes
+                ),
+            ));
+        }
+        // The depth is checked before parsing so hostile nesting never reaches the parser's
+        // (or the reducer's) recursion.
+        let depth = nesting_depth(payload);
+        if depth > self.max_depth {
+            return Err(Poison::new(
+                ErrorCode::TooDeep,
+                format!(
+                    "payload nests {depth} levels deep, the limit is {}",
+                    self.max_depth
+                ),
+            ));
+        }
+        let value: Value = serde_json::from_slice(payload).map_err(|err| {
+            Poison::new(
+                ErrorCode::InvalidJson,
+                format!(
+                    "payload is not JSON (line {}, column {})",
+                    err.line(),
+                    err.column()
+                ),
+            )
+        })?;
+        let Value::Object(envelope) = value else {
+            return Err(Poison::new(
+                ErrorCode::InvalidEnvelope,
+                "payload is not a JSON object",
+            ));
+        };
+        match &self.format {
+            Format::CloudEvents => cloudevent(envelope),
+            Format::Fields(map) => mapped(envelope, map),
+        }
+    }
+}
+
+fn cloudevent(mut envelope: Map<String, Value>) -> Result<Event, Poison> {
+    let specversion = required_string(&envelope, "specversion")?;
+    if specversion != "1.0" {
+        return Err(Poison::new(
+            ErrorCode::InvalidEnvelope,
+            format!("specversion is {specversion:?}, expected \"1.0\""),
+        ));
+    }
+    required_string(&envelope, "source")?;
+    let id = required_string(&envelope, "id")?;
+    let event_type = required_string(&envelope, "type")?;
+    if envelope.contains_key("data_base64") {
+        return Err(Poison::new(
+            ErrorCode::InvalidEnvelope,
+            "data_base64 (binary data) cannot be projected into JSON state",
+        ));
+    }
+    let time = optional_string(&envelope, "time")?;
+    let correlation_id = optional_string(&envelope, "correlationid")?;
+    let version = optional_text(&envelope, "dataversion")?;
+    let data = envelope.remove("data").unwrap_or(Value::Null);
+    Ok(Event {
+        id,
+        event_type,
+        version,
+        time,
+        idempotency_key: None,
+        correlation_id,
+        data,
+        envelope,
+    })
+}
+
+fn mapped(mut envelope: Map<String, Value>, map: &FieldMap) -> Result<Event, Poison> {
+    let id = required_string(&envelope, &map.id)?;
+    let event_type = required_string(&envelope, &map.event_type)?;
+    let optional = |field: &Option<String>, envelope: &Map<String, Value>| match field {
+        Some(name) => optional_text(envelope, name),
+        None => Ok(None),
+    };
+    let version = optional(&map.version, &envelope)?;
+    let time = optional(&map.time, &envelope)?;
+    let idempotency_key = optional(&map.idempotency_key, &envelope)?;
+    let correlation_id = optional(&map.correlation_id, &envelope)?;
+    let data = envelope.remove(&map.data).unwrap_or(Value::Null);
+    Ok(Event {
+        id,
+        event_type,
+        version,
+        time,
+        idempotency_key,
+        correlation_id,
+        data,
+        envelope,
+    })
+}
+
+fn required_string(envelope: &Map<String, Value>, field: &str) -> Result<String, Poison> {
+    match envelope.get(field) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(Poison::new(
+            ErrorCode::InvalidEnvelope,
+            format!("envelope field {field:?} is empty"),
+        )),
+        Some(_) => Err(Poison::new(
+            ErrorCode::InvalidEnvelope,
+            format!("envelope field {field:?} is not a string"),
+        )),
+        None => Err(Poison::new(
+            ErrorCode::InvalidEnvelope,
+            format!("envelope field {field:?} is missing"),
+        )),
+    }
+}
+
+fn optional_string(envelope: &Map<String, Value>, field: &str) -> Result<Option<String>, Poison> {
+    match envelope.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(Poison::new(
+            ErrorCode::InvalidEnvelope,
+            format!("envelope field {field:?} is not a string"),
+        )),
+    }
+}
+
+/// A string or a number (event versions are either), as text.
+fn optional_text(envelope: &Map<String, Value>, field: &str) -> Result<Option<String>, Poison> {
+    match envelope.get(field) {
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        _ => optional_string(envelope, field),
+    }
+}
+
+/// The deepest nesting of JSON arrays and objects in `bytes`, ignoring brackets inside strings.
+/// Runs on raw bytes, so it is safe on any input, JSON or not.
+pub fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn ce(extra: Value) -> Vec<u8> {
+        let mut base = json!({"specversion": "1.0", "id": "e1", "source": "s", "type": "t"});
+        if let (Value::Object(b), Value::Object(e)) = (&mut base, extra) {
+            b.extend(e);
+        }
+        serde_json::to_vec(&base).unwrap()
+    }
+
+    fn code(decoder: &Decoder, payload: &[u8]) -> ErrorCode {
+        decoder.decode(payload).unwrap_err().code
+    }
+
+    #[test]
+    fn decodes_a_cloudevent() {
+        let payload = ce(json!({"data": {"a": 1}, "time": "2026-01-01T00:00:00Z",
+            "correlationid": "c1", "subject": "x"}));
+        let event = Decoder::default().decode(&payload).unwrap();
+        assert_eq!(event.id, "e1");
+        assert_eq!(event.event_type, "t");
+        assert_eq!(event.data, json!({"a": 1}));
+        assert_eq!(event.time.as_deref(), Some("2026-01-01T00:00:00Z"));
+        assert_eq!(event.correlation_id.as_deref(), Some("c1"));
+        assert_eq!(event.envelope.get("subject"), Some(&json!("x")));
+        assert!(!event.envelope.contains_key("data"));
+        assert_eq!(event.dedupe_id(), "e1");
+    }
+
+    #[test]
+    fn cloudevent_without_data_has_null_data() {
+        let event = Decoder::default().decode(&ce(json!({}))).unwrap();
+        assert_eq!(event.data, Value::Null);
+    }
+
+    #[test]
+    fn rejects_bad_payloads_with_fixed_codes() {
+        let d = Decoder::default();
+        assert_eq!(code(&d, b"{not json"), ErrorCode::InvalidJson);
+        assert_eq!(code(&d, b"\xff\xfe"), ErrorCode::InvalidJson);
+        assert_eq!(code(&d, b""), ErrorCode::InvalidJson);
+        assert_eq!(code(&d, b"[1,2]"), ErrorCode::InvalidEnvelope);
+        assert_eq!(code(&d, b"{\"id\":\"x\"}"), ErrorCode::InvalidEnvelope);
+        assert_eq!(
+            code(&d, &ce(json!({"specversion": "0.3"}))),
+            ErrorCode::InvalidEnvelope
+        );
+        assert_eq!(code(&d, &ce(json!({"id": 5}))), ErrorCode::InvalidEnvelope);
+        assert_eq!(code(&d, &ce(json!({"id": ""}))), ErrorCode::InvalidEnvelope);
+        assert_eq!(
+            code(&d, &ce(json!({"data_base64": "AA=="}))),
+            ErrorCode::InvalidEnvelope
+        );
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(code(&d, deep.as_bytes()), ErrorCode::TooDeep);
+        let small = Decoder {
+            max_bytes: 10,
+            ..Decoder::default()
+        };
+        assert_eq!(code(&small, &ce(json!({}))), ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn hostile_nesting_of_a_million_levels_is_refused_without_recursion() {
+        let deep = "{\"a\":".repeat(1_000_000);
+        assert_eq!(
+            code(&Decoder::default(), deep.as_bytes()),
+            ErrorCode::TooDeep
+        );
+    }
+
+    #[test]
+    fn decodes_a_mapped_envelope() {
+        let decoder = Decoder {
+            format: Format::Fields(FieldMap::default()),
+            ..Decoder::default()
+        };
+        let payload = json!({"eventId": "a1", "eventType": "order.placed", "eventVersion": 2,
+            "timestamp": "t", "idempotencyKey": "k1", "payload": {"x": 1}, "tenant": "acme"});
+        let event = decoder
+            .decode(&serde_json::to_vec(&payload).unwrap())
+            .unwrap();
+        assert_eq!(event.id, "a1");
+        assert_eq!(event.version.as_deref(), Some("2"));
+        assert_eq!(event.dedupe_id(), "k1");
+        assert_eq!(event.data, json!({"x": 1}));
+        assert_eq!(event.envelope.get("tenant"), Some(&json!("acme")));
+        let missing = json!({"eventType": "t"});
+        assert_eq!(
+            code(&decoder, &serde_json::to_vec(&missing).unwrap()),
+            ErrorCode::InvalidEnvelope
+        );
+    }
+
+    #[test]
+    fn depth_ignores_brackets_in_strings() {
+        assert_eq!(nesting_depth(br#"{"a":"[[[[{{{{\"]]"}"#), 1);
+        assert_eq!(nesting_depth(br#"[[{"a":[1]}]]"#), 4);
+        assert_eq!(nesting_depth(b"42"), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Decoder::default().decode(&bytes);
+        }
+
+        #[test]
+        fn depth_matches_serde_for_valid_json(depth in 0usize..40) {
+            let doc = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            prop_assert_eq!(nesting_depth(doc.as_bytes()), depth);
+            let parsed: Result<Value, _> = serde_json::from_str(&doc);
+            prop_assert!(parsed.is_ok());
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! A `[[projection]]` compiled for the hot path: templates parsed once, reducer chosen, and the
+//! pure step that turns one message into a keyed event ([`Spec::prepare`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::config::{EnvelopeFormat, ProjectionConfig, ReducerKind};
+use crate::decode::{Decoder, ErrorCode, Event, Format, Poison};
+use crate::dlq::DlqTemplate;
+use crate::key::{self, Context, Part, Resolved, Template};
+use crate::reduce::{Counter, Latest, Merge, Projection};
+
+/// A message as the pure steps see it, whatever transport delivered it.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageView<'a> {
+    /// Stream sequence.
+    pub seq: u64,
+    /// NATS subject.
+    pub subject: &'a str,
+    /// Headers, when present.
+    pub headers: Option<&'a async_nats::HeaderMap>,
+    /// Payload bytes.
+    pub payload: &'a [u8],
+    /// Publish time in the stream, Unix milliseconds.
+    pub publish_ms: u64,
+}
+
+/// A decoded event with its key, ready for the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Publish time in the stream, Unix milliseconds (the dedupe window's clock).
+    pub publish_ms: u64,
+    /// The (escaped) KV key.
+    pub key: String,
+    /// The fencing epoch, when the projection names one.
+    pub epoch: Option<u64>,
+    /// Whether the event type is in `delete_on`.
+    pub delete: bool,
+    /// The decoded envelope.
+    pub event: Event,
+}
+
+/// A compiled projection.
+#[derive(Clone)]
+pub struct Spec {
+    /// The configuration it was compiled from.
+    pub config: ProjectionConfig,
+    /// Store namespace (`name@vN`).
+    pub namespace: String,
+    /// The durable consumer name.
+    pub durable: String,
+    /// The key template.
+    pub key: Template,
+    /// The epoch placeholder, when configured.
+    pub epoch: Option<Part>,
+    /// Event types that delete their key.
+    pub delete_on: HashSet<String>,
+    /// The reducer.
+    pub reducer: Arc<dyn Projection>,
+    /// The envelope decoder.
+    pub decoder: Decoder,
+    /// The dedupe window in milliseconds of publish time (0: dedupe off).
+    pub dedupe_window_ms: u64,
+    /// The dead-letter subject template.
+    pub dlq: DlqTemplate,
+}
+
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spec")
+            .field("namespace", &self.namespace)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Spec {
+    /// Compiles a validated projection. `custom` is the reducer for `reducer = "custom"`.
+    pub fn compile(
+        config: &ProjectionConfig,
+        custom: Option<Arc<dyn Projection>>,
+    ) -> Result<Spec, String> {
+        let key = Template::parse(&config.key).map_err(|e| format!("key: {e}"))?;
+        let epoch = match &config.epoch {
+            Some(text) => {
+                let t = Template::parse(text).map_err(|e| format!("epoch: {e}"))?;
+                Some(
+                    t.single_placeholder()
+                        .cloned()
+                        .ok_or("epoch: must be one placeholder")?,
+                )
+            }
+            None => None,
+        };
+        let reducer: Arc<dyn Projection> = match config.reducer {
+            ReducerKind::Latest => Arc::new(Latest),
+            ReducerKind::Merge => Arc::new(Merge),
+            ReducerKind::Counter => {
+                let sum = match &config.sum {
+                    Some(text) => match Template::parse(text)
+                        .ok()
+                        .and_then(|t| t.single_placeholder().cloned())
+                    {
+                        Some(Part::Data(path)) => Some(path),
+                        _ => return Err("sum: must be one {data.PATH} placeholder".into()),
+                    },
+                    None => None,
+                };
+                Arc::new(Counter { sum })
+            }
+            ReducerKind::Custom => custom.ok_or_else(|| {
+                format!(
+                    "projection {:?} uses reducer = \"custom\" but no Rust reducer is registered \
+                     for it (see examples/custom_reducer.rs)",
+                    config.name
+                )
+            })?,
+        };
+        let format = match config.envelope.format {
+            EnvelopeFormat::Cloudevents => Format::CloudEvents,
+            EnvelopeFormat::Fields => Format::Fields(config.envelope.field_map()),
+        };
+        let dlq =
+            DlqTemplate::parse(&config.dlq_subject).map_err(|e| format!("dlq_subject: {e}"))?;
+        Ok(Spec {
+            namespace: config.store_namespace(),
+            durable: config.durable_name(),
+            key,
+            epoch,
+            delete_on: config.delete_on.iter().cloned().collect(),
+            reducer,
+            decoder: Decoder {
+                format,
+                max_bytes: config.max_event_bytes,
+                max_depth: config.max_depth,
+            },
+            dedupe_window_ms: u64::try_from(config.dedupe_window.as_millis()).unwrap_or(u64::MAX),
+            dlq,
+            config: config.clone(),
+        })
+    }
+
+    /// The projection name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Decodes a message and computes its key and epoch. Pure: the same message always gives
+    /// the same result, and every failure is a [`Poison`] with a fixed code.
+    pub fn prepare(&self, msg: &MessageView<'_>) -> Result<Prepared, Poison> {
+        let event = self.decoder.decode(msg.payload)?;
+        let ctx = Context {
+            subject: msg.subject,
+            headers: msg.headers,
+            event: &event,
+        };
+        let key = self.key.render_key(&ctx)?;
+        let epoch = match &self.epoch {
+            Some(part) => Some(epoch_of(part, &ctx)?),
+            None => None,
+        };
+        let delete = self.delete_on.contains(&event.event_type);
+        Ok(Prepared {
+            seq: msg.seq,
+            publish_ms: msg.publish_ms,
+            key,
+            epoch,
+            delete,
+            event,
+        })
+    }
+}
+
+fn epoch_of(part: &Part, ctx: &Context<'_>) -> Result<u64, Poison> {
+    let bad = |what: &str| {
+        Poison::new(
+            ErrorCode::BadEpoch,
+            format!("epoch {} {what}", key::describe(part)),
+        )
+    };
+    match key::resolve(part, ctx) {
+        Resolved::Missing => Err(bad("is missing")),
+        Resolved::Json(Value::Number(n)) => {
+            n.as_u64().ok_or_else(|| bad("is not an unsigned integer"))
+        }
+        Resolved::Json(Value::String(s)) => {
+            s.parse().map_err(|_| bad("is not an unsigned integer"))
+        }
+        Resolved::Text(text) => text.parse().map_err(|_| bad("is not an unsigned integer")),
+        Resolved::Json(_) => Err(bad("is not an unsigned integer")),
+    }
+}

@@ -1,0 +1,836 @@
+//! The local store: one redb database holding, per projection, the state of every key, its
+//! last applied stream sequence and epoch, tombstones, dedupe markers, the KV outbox, dead
+//! letters and the checkpoint.
+//!
+//! A fetched batch is applied in ONE write transaction ([`Store::apply`]); the KV writes and the
+//! acks happen only after it commits (durably: redb's default `Durability::Immediate` fsyncs).
+//! Every table of a projection is namespaced by `name@vVERSION`, so a rebuild can write a new
+//! version beside the live one.
+
+mod record;
+
+pub use record::{Checkpoint, DeadNote, KvValue, Record};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::decode::{ErrorCode, Poison};
+use crate::reduce::Change;
+use crate::spec::{Prepared, Spec};
+
+/// The store file format this build writes (bumped on incompatible layout changes).
+pub const FORMAT_VERSION: u32 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The table names of one projection namespace.
+struct Tables {
+    records: String,
+    dedupe: String,
+    outbox: String,
+    dead: String,
+    checkpoint_key: String,
+}
+
+impl Tables {
+    fn new(namespace: &str) -> Tables {
+        Tables {
+            records: format!("records:{namespace}"),
+            dedupe: format!("dedupe:{namespace}"),
+            outbox: format!("outbox:{namespace}"),
+            dead: format!("dead:{namespace}"),
+            checkpoint_key: format!("checkpoint:{namespace}"),
+        }
+    }
+    /// key → bincode [`Record`].
+    fn records(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
+        TableDefinition::new(&self.records)
+    }
+    /// (publish-time bucket, dedupe id) → (stream seq, publish ms). Bucketing by the dedupe
+    /// window keeps inserts clustered and makes expiry a range delete of old buckets.
+    fn dedupe(&self) -> TableDefinition<'_, (u64, &'static str), (u64, u64)> {
+        TableDefinition::new(&self.dedupe)
+    }
+    /// key → the sequence KV must reach. Present = KV is behind the store for that key.
+    fn outbox(&self) -> TableDefinition<'_, &'static str, u64> {
+        TableDefinition::new(&self.outbox)
+    }
+    /// stream seq → bincode [`DeadNote`] of a published dead letter.
+    fn dead(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.dead)
+    }
+}
+
+/// Why a store operation failed. Match on [`StoreError::kind`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// An I/O error (full disk, EIO): transient, the operation may be retried after a reopen.
+    #[error("store I/O error: {0}")]
+    Io(#[source] std::io::Error),
+    /// The file is damaged: fail closed.
+    #[error("store is corrupted: {0}")]
+    Corrupted(String),
+    /// Another process holds the database.
+    #[error("store {0} is open in another process")]
+    Locked(PathBuf),
+    /// Written by a newer (or incompatible) nats-projector.
+    #[error("store format {found} is not supported (this build writes {FORMAT_VERSION})")]
+    Format {
+        /// The version found in the file.
+        found: u32,
+    },
+    /// Anything else redb reports.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+/// The classes of [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// Retry (after reopening the database).
+    Transient,
+    /// Fail closed: the file needs an operator.
+    Corrupted,
+    /// Another process holds the file.
+    Locked,
+    /// Anything else: a bug or an unusable file.
+    Fatal,
+}
+
+impl StoreError {
+    /// The class of this error.
+    pub fn kind(&self) -> StoreErrorKind {
+        match self {
+            StoreError::Io(_) => StoreErrorKind::Transient,
+            StoreError::Corrupted(_) | StoreError::Format { .. } => StoreErrorKind::Corrupted,
+            StoreError::Locked(_) => StoreErrorKind::Locked,
+            StoreError::Other(_) => StoreErrorKind::Fatal,
+        }
+    }
+}
+
+impl From<redb::StorageError> for StoreError {
+    fn from(err: redb::StorageError) -> Self {
+        match err {
+            redb::StorageError::Io(io) => StoreError::Io(io),
+            redb::StorageError::Corrupted(what) => StoreError::Corrupted(what),
+            redb::StorageError::PreviousIo => StoreError::Io(std::io::Error::other(
+                "an earlier I/O error poisoned the database",
+            )),
+            other => StoreError::Other(other.to_string()),
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for StoreError {
+            fn from(err: $ty) -> Self {
+                match redb::Error::from(err) {
+                    redb::Error::Io(io) => StoreError::Io(io),
+                    redb::Error::Corrupted(what) => StoreError::Corrupted(what),
+                    redb::Error::PreviousIo => StoreError::Io(std::io::Error::other(
+                        "an earlier I/O error poisoned the database",
+                    )),
+                    other => StoreError::Other(other.to_string()),
+                }
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::CommitError,
+    redb::CompactionError
+);
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(err: redb::DatabaseError) -> Self {
+        match err {
+            redb::DatabaseError::Storage(storage) => storage.into(),
+            other => StoreError::Other(other.to_string()),
+        }
+    }
+}
+
+/// One item of a batch, in stream order.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// A decoded, keyed event.
+    Event(Prepared),
+    /// A message that failed decoding; it is only checked against already published dead
+    /// letters here (the pipeline publishes it after the commit).
+    Poison {
+        /// Stream sequence.
+        seq: u64,
+        /// The verdict.
+        poison: Poison,
+    },
+}
+
+impl Item {
+    /// The stream sequence of the item.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Item::Event(p) => p.seq,
+            Item::Poison { seq, .. } => *seq,
+        }
+    }
+}
+
+/// What happened to one item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The event changed its key.
+    Applied,
+    /// Already applied (same or older sequence for the key, or a known envelope id).
+    Duplicate,
+    /// Its epoch is below the key's: refused.
+    StaleEpoch,
+    /// It was dead-lettered before (a replay): nothing to do.
+    AlreadyDead,
+    /// It cannot be applied: publish it to the DLQ.
+    Poison(Poison),
+}
+
+/// Confirmations from earlier batches, folded into the next transaction for free.
+#[derive(Debug, Clone, Default)]
+pub struct Housekeeping {
+    /// Keys whose KV copy reached `seq`, with the KV revision that holds it.
+    pub kv_confirmed: Vec<KvConfirmed>,
+    /// Dead letters whose publish the DLQ stream acknowledged.
+    pub dead_published: Vec<(u64, DeadNote)>,
+    /// The durable consumer's ack floor (stream seq) and a lower bound of its publish time.
+    pub ack_floor: Option<(u64, u64)>,
+}
+
+impl Housekeeping {
+    /// Whether there is nothing to fold in.
+    pub fn is_empty(&self) -> bool {
+        self.kv_confirmed.is_empty() && self.dead_published.is_empty() && self.ack_floor.is_none()
+    }
+}
+
+/// A key's KV copy reached `seq` at `revision`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvConfirmed {
+    /// The KV key.
+    pub key: String,
+    /// The sequence KV now holds (or newer).
+    pub seq: u64,
+    /// The KV revision holding it.
+    pub revision: u64,
+}
+
+/// The new checkpoint position of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The stream name.
+    pub stream: String,
+    /// The stream's `created`, Unix nanoseconds.
+    pub stream_created_ns: i128,
+    /// The highest stream sequence of the batch.
+    pub seq: u64,
+    /// Its publish time, Unix ms.
+    pub publish_ms: u64,
+    /// SHA-256 of its payload.
+    pub payload_sha256: [u8; 32],
+}
+
+/// A KV write the committed batch requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvWrite {
+    /// The KV key.
+    pub key: String,
+    /// The key's sequence in the store (what KV must reach).
+    pub seq: u64,
+    /// A delete (tombstone) rather than a put.
+    pub delete: bool,
+    /// The KV value (for deletes, the tombstone payload).
+    pub payload: Bytes,
+    /// The last KV revision the store knew (a hint for the compare-and-set; 0 when unknown).
+    pub revision_hint: u64,
+}
+
+/// The result of one committed batch.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// One outcome per item, in order.
+    pub outcomes: Vec<Outcome>,
+    /// The KV writes to perform (one per dirty key), empty without a KV bucket.
+    pub kv_writes: Vec<KvWrite>,
+    /// Keys in the outbox after the commit.
+    pub outbox_len: u64,
+}
+
+/// The state slot of a key while a batch is being applied.
+enum Slot {
+    /// No state: a new key or a tombstone.
+    Empty,
+    /// Stored JSON not parsed yet (parsed only when the reducer needs it).
+    Raw(Vec<u8>),
+    /// Parsed (and possibly changed) state.
+    Parsed(Value),
+}
+
+struct Working {
+    slot: Slot,
+    seq: u64,
+    event_id: String,
+    epoch: Option<u64>,
+    kv_revision: u64,
+    dirty: bool,
+}
+
+impl Working {
+    fn from_record(record: Option<Record>) -> Working {
+        match record {
+            Some(r) => Working {
+                slot: r.state.map_or(Slot::Empty, Slot::Raw),
+                seq: r.seq,
+                event_id: r.event_id,
+                epoch: r.epoch,
+                kv_revision: r.kv_revision,
+                dirty: false,
+            },
+            None => Working {
+                slot: Slot::Empty,
+                seq: 0,
+                event_id: String::new(),
+                epoch: None,
+                kv_revision: 0,
+                dirty: false,
+            },
+        }
+    }
+
+    fn take_state(&mut self) -> Result<Option<Value>, StoreError> {
+        match std::mem::replace(&mut self.slot, Slot::Empty) {
+            Slot::Empty => Ok(None),
+            Slot::Parsed(v) => Ok(Some(v)),
+            Slot::Raw(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupted(format!("stored state is not JSON: {e}"))),
+        }
+    }
+
+    fn into_record(self) -> Result<Record, StoreError> {
+        let state = match self.slot {
+            Slot::Empty => None,
+            Slot::Raw(bytes) => Some(bytes),
+            Slot::Parsed(value) => {
+                Some(serde_json::to_vec(&value).map_err(|e| StoreError::Other(e.to_string()))?)
+            }
+        };
+        Ok(Record {
+            state,
+            seq: self.seq,
+            event_id: self.event_id,
+            epoch: self.epoch,
+            kv_revision: self.kv_revision,
+        })
+    }
+}
+
+/// The local redb store.
+pub struct Store {
+    path: PathBuf,
+    cache_bytes: usize,
+    /// `None` only while a reopen is in progress.
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| StoreError::Other(format!("encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(value, _)| value)
+        .map_err(|e| StoreError::Corrupted(format!("undecodable record: {e}")))
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path, cache_mib: usize) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
+        }
+        let cache_bytes = cache_mib.max(1) * 1024 * 1024;
+        let db = open_db(path, cache_bytes)?;
+        let store = Store {
+            path: path.to_owned(),
+            cache_bytes,
+            db: RwLock::new(Some(Arc::new(db))),
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database only (for one-shot commands); `Ok(None)` when the file is
+    /// absent.
+    pub fn open_existing(path: &Path, cache_mib: usize) -> Result<Option<Store>, StoreError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        Store::open(path, cache_mib).map(Some)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the database file in bytes.
+    pub fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let guard = match self.db.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard
+            .clone()
+            .ok_or_else(|| StoreError::Io(std::io::Error::other("the store is being reopened")))
+    }
+
+    /// Reopens the database after a failed commit (redb refuses further writes on a handle that
+    /// saw an I/O error).
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut guard = match self.db.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // The old handle must be closed before the file lock can be taken again.
+        drop(guard.take());
+        *guard = Some(Arc::new(open_db(&self.path, self.cache_bytes)?));
+        Ok(())
+    }
+
+    fn check_format(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta
+                .get("format")?
+                .map(|v| decode::<u32>(v.value()))
+                .transpose()?;
+            match found {
+                Some(FORMAT_VERSION) => {}
+                Some(found) => return Err(StoreError::Format { found }),
+                None => {
+                    meta.insert("format", encode(&FORMAT_VERSION)?.as_slice())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Applies one batch in one durable write transaction and returns what the pipeline must do
+    /// next (KV writes, dead letters, acks).
+    ///
+    /// Rules, per event, in this order: a sequence not newer than the key's is a duplicate; a
+    /// dedupe id applied within the window is a duplicate; an epoch below the key's is stale;
+    /// otherwise the event is applied (or deleted by `delete_on`). Duplicates and stale events
+    /// change nothing, not even the key's sequence or event id.
+    pub fn apply(
+        &self,
+        spec: &Spec,
+        items: Vec<Item>,
+        house: &Housekeeping,
+        position: Option<&Position>,
+    ) -> Result<Applied, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(&spec.namespace);
+        let with_kv = spec.config.kv_bucket.is_some();
+        let window = spec.dedupe_window_ms;
+        let txn = db.begin_write()?;
+        let mut applied = Applied {
+            outcomes: Vec::with_capacity(items.len()),
+            ..Applied::default()
+        };
+        {
+            let mut records = txn.open_table(tables.records())?;
+            let mut dedupe = txn.open_table(tables.dedupe())?;
+            let mut outbox = txn.open_table(tables.outbox())?;
+            let mut dead = txn.open_table(tables.dead())?;
+            let mut meta = txn.open_table(META)?;
+
+            let mut checkpoint = meta
+                .get(tables.checkpoint_key.as_str())?
+                .map(|v| decode::<Checkpoint>(v.value()))
+                .transpose()?
+                .unwrap_or_default();
+            fold_housekeeping(
+                house,
+                &mut checkpoint,
+                window,
+                &mut outbox,
+                &mut dead,
+                &mut dedupe,
+            )?;
+            let confirmed_revisions: HashMap<&str, u64> = house
+                .kv_confirmed
+                .iter()
+                .map(|c| (c.key.as_str(), c.revision))
+                .collect();
+            let floor = checkpoint.acked_floor;
+
+            // Keys in first-touch order, so KV writes are issued deterministically.
+            let mut order: Vec<String> = Vec::new();
+            let mut working: HashMap<String, Working> = HashMap::new();
+            let mut applied_count = 0u64;
+            let needs_state = spec.reducer.needs_state();
+            let infallible = spec.reducer.infallible();
+
+            for item in items {
+                // At or below the ack floor: processed and acked before (a replay).
+                if item.seq() <= floor {
+                    applied.outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                if dead.get(item.seq())?.is_some() {
+                    applied.outcomes.push(Outcome::AlreadyDead);
+                    continue;
+                }
+                let p = match item {
+                    Item::Poison { poison, .. } => {
+                        applied.outcomes.push(Outcome::Poison(poison));
+                        continue;
+                    }
+                    Item::Event(p) => p,
+                };
+                if !working.contains_key(&p.key) {
+                    let stored = records
+                        .get(p.key.as_str())?
+                        .map(|v| decode::<Record>(v.value()))
+                        .transpose()?;
+                    let mut w = Working::from_record(stored);
+                    if let Some(rev) = confirmed_revisions.get(p.key.as_str()) {
+                        w.kv_revision = w.kv_revision.max(*rev);
+                    }
+                    order.push(p.key.clone());
+                    working.insert(p.key.clone(), w);
+                }
+                let Some(w) = working.get_mut(&p.key) else {
+                    continue;
+                };
+                if p.seq <= w.seq {
+                    applied.outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                let bucket = p.publish_ms.checked_div(window).unwrap_or(0);
+                if window > 0 {
+                    let id = p.event.dedupe_id();
+                    let mut seen = false;
+                    for b in [bucket, bucket.saturating_sub(1), bucket + 1] {
+                        if let Some(marker) = dedupe.get((b, id))? {
+                            let (_, marker_ms) = marker.value();
+                            if p.publish_ms.abs_diff(marker_ms) <= window {
+                                seen = true;
+                                break;
+                            }
+                        }
+                    }
+                    if seen {
+                        applied.outcomes.push(Outcome::Duplicate);
+                        continue;
+                    }
+                }
+                if let Some(epoch) = p.epoch {
+                    if epoch < w.epoch.unwrap_or(0) {
+                        applied.outcomes.push(Outcome::StaleEpoch);
+                        continue;
+                    }
+                }
+                let change = if p.delete {
+                    Ok(Change::Delete)
+                } else {
+                    let state = if needs_state { w.take_state()? } else { None };
+                    let backup = if infallible { None } else { state.clone() };
+                    match spec.reducer.apply(state, &p.event) {
+                        Ok(change) => Ok(change),
+                        Err(err) => {
+                            // The event is refused: put back the state it was given.
+                            if let Some(previous) = backup {
+                                w.slot = Slot::Parsed(previous);
+                            }
+                            Err(err)
+                        }
+                    }
+                };
+                match change {
+                    Ok(Change::Put(state)) => w.slot = Slot::Parsed(state),
+                    Ok(Change::Delete) => w.slot = Slot::Empty,
+                    Err(err) => {
+                        applied
+                            .outcomes
+                            .push(Outcome::Poison(Poison::new(ErrorCode::ReducerError, err.0)));
+                        continue;
+                    }
+                }
+                w.seq = p.seq;
+                w.epoch = match (w.epoch, p.epoch) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                w.dirty = true;
+                if window > 0 {
+                    dedupe.insert((bucket, p.event.dedupe_id()), (p.seq, p.publish_ms))?;
+                }
+                w.event_id = p.event.id;
+                applied_count += 1;
+                applied.outcomes.push(Outcome::Applied);
+            }
+
+            for key in order {
+                let Some(w) = working.remove(&key) else {
+                    continue;
+                };
+                if !w.dirty {
+                    continue;
+                }
+                let record = w.into_record()?;
+                records.insert(key.as_str(), encode(&record)?.as_slice())?;
+                if with_kv {
+                    outbox.insert(key.as_str(), record.seq)?;
+                    applied.kv_writes.push(KvWrite {
+                        payload: Bytes::from(
+                            record.kv_value(&spec.config.name, spec.config.version),
+                        ),
+                        seq: record.seq,
+                        delete: record.is_deleted(),
+                        revision_hint: record.kv_revision,
+                        key,
+                    });
+                }
+            }
+
+            if let Some(pos) = position {
+                if pos.seq >= checkpoint.last_seq {
+                    checkpoint.stream = pos.stream.clone();
+                    checkpoint.stream_created_ns = pos.stream_created_ns;
+                    checkpoint.last_seq = pos.seq;
+                    checkpoint.last_publish_ms = pos.publish_ms;
+                    checkpoint.last_payload_sha256 = pos.payload_sha256;
+                }
+            }
+            checkpoint.applied += applied_count;
+            meta.insert(
+                tables.checkpoint_key.as_str(),
+                encode(&checkpoint)?.as_slice(),
+            )?;
+            applied.outbox_len = outbox.len()?;
+        }
+        txn.commit()?;
+        Ok(applied)
+    }
+
+    /// Folds confirmations into the store on their own (when idle or at shutdown); returns the
+    /// outbox size.
+    pub fn housekeep(&self, spec: &Spec, house: &Housekeeping) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(&spec.namespace);
+        let txn = db.begin_write()?;
+        let len;
+        {
+            let mut outbox = txn.open_table(tables.outbox())?;
+            let mut dead = txn.open_table(tables.dead())?;
+            let mut dedupe = txn.open_table(tables.dedupe())?;
+            let mut meta = txn.open_table(META)?;
+            let mut checkpoint = meta
+                .get(tables.checkpoint_key.as_str())?
+                .map(|v| decode::<Checkpoint>(v.value()))
+                .transpose()?
+                .unwrap_or_default();
+            let before = checkpoint.clone();
+            fold_housekeeping(
+                house,
+                &mut checkpoint,
+                spec.dedupe_window_ms,
+                &mut outbox,
+                &mut dead,
+                &mut dedupe,
+            )?;
+            if checkpoint != before {
+                meta.insert(
+                    tables.checkpoint_key.as_str(),
+                    encode(&checkpoint)?.as_slice(),
+                )?;
+            }
+            len = outbox.len()?;
+        }
+        txn.commit()?;
+        Ok(len)
+    }
+
+    /// The record of `key`.
+    pub fn record(&self, namespace: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_read()?;
+        let table = match txn.open_table(tables.records()) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        table
+            .get(key)?
+            .map(|v| decode::<Record>(v.value()))
+            .transpose()
+    }
+
+    /// Every record of a namespace, in key order.
+    pub fn records(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_read()?;
+        let table = match txn.open_table(tables.records()) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(err.into()),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.push((k.value().to_owned(), decode::<Record>(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The keys whose KV copy is behind, with their records (for the startup flush).
+    pub fn outbox(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_read()?;
+        let outbox = match txn.open_table(tables.outbox()) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(err.into()),
+        };
+        let records = txn.open_table(tables.records())?;
+        let mut out = Vec::new();
+        for entry in outbox.iter()? {
+            let (k, _) = entry?;
+            let key = k.value();
+            if let Some(v) = records.get(key)? {
+                out.push((key.to_owned(), decode::<Record>(v.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of keys in the outbox.
+    pub fn outbox_len(&self, namespace: &str) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_read()?;
+        match txn.open_table(tables.outbox()) {
+            Ok(table) => Ok(table.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The checkpoint of a namespace.
+    pub fn checkpoint(&self, namespace: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        meta.get(tables.checkpoint_key.as_str())?
+            .map(|v| decode::<Checkpoint>(v.value()))
+            .transpose()
+    }
+
+    /// The dead letters a namespace published, by stream sequence.
+    pub fn dead_letters(&self, namespace: &str) -> Result<Vec<(u64, DeadNote)>, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_read()?;
+        let table = match txn.open_table(tables.dead()) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(err.into()),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.push((k.value(), decode::<DeadNote>(v.value())?));
+        }
+        Ok(out)
+    }
+}
+
+type OutboxTable<'t> = redb::Table<'t, &'static str, u64>;
+type DeadTable<'t> = redb::Table<'t, u64, &'static [u8]>;
+type DedupeTable<'t> = redb::Table<'t, (u64, &'static str), (u64, u64)>;
+
+/// Folds confirmations from earlier batches into an open write transaction.
+fn fold_housekeeping(
+    house: &Housekeeping,
+    checkpoint: &mut Checkpoint,
+    window_ms: u64,
+    outbox: &mut OutboxTable<'_>,
+    dead: &mut DeadTable<'_>,
+    dedupe: &mut DedupeTable<'_>,
+) -> Result<(), StoreError> {
+    for c in &house.kv_confirmed {
+        // Only clear the entry if no newer batch re-dirtied the key meanwhile.
+        let done = matches!(outbox.get(c.key.as_str())?, Some(v) if v.value() <= c.seq);
+        if done {
+            outbox.remove(c.key.as_str())?;
+        }
+    }
+    for (seq, note) in &house.dead_published {
+        dead.insert(*seq, encode(note)?.as_slice())?;
+    }
+    if let Some((floor, floor_ms)) = house.ack_floor {
+        // Never trust a floor beyond what this store processed itself.
+        let floor = floor.min(checkpoint.last_seq);
+        if floor > checkpoint.acked_floor {
+            checkpoint.acked_floor = floor;
+            checkpoint.acked_floor_ms = checkpoint.acked_floor_ms.max(floor_ms);
+            // Every message that can still be delivered was published at or after
+            // acked_floor_ms, so markers older than that minus the window never match again.
+            if window_ms > 0 {
+                let horizon = checkpoint.acked_floor_ms.saturating_sub(window_ms) / window_ms;
+                let expired = matches!(dedupe.first()?, Some((k, _)) if k.value().0 < horizon);
+                if expired {
+                    dedupe.retain_in::<(u64, &str), _>(..(horizon, ""), |_, _| false)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    match Database::builder().set_cache_size(cache_bytes).create(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Locked(path.to_owned())),
+        Err(err) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
