@@ -1,1 +1,5 @@
-fn main() {}
+//! The `nats-projector` binary: all logic lives in the library.
+
+fn main() -> std::process::ExitCode {
+    nats_projector::cli::main()
+}

@@ -15,9 +15,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::decode::FieldMap;
 
 pub use validate::Problem;
-pub(crate) use validate::{
-    check_jetstream_name as validate_name, check_subject as validate_subject,
-};
+pub(crate) use validate::check_subject as validate_subject;
 
 /// The default NATS URL when neither the file nor `NATS_URL` names one.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";

@@ -1,0 +1,554 @@
+//! What each command does.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Command, ConfigArg, admin};
+use crate::config::Config;
+use crate::pipeline::Status;
+use crate::runtime::{self, Exit, Reducers};
+use crate::spec::Spec;
+use crate::store::{Store, StoreErrorKind};
+
+pub(super) async fn dispatch(command: Command, reducers: Reducers) -> Exit {
+    match command {
+        Command::Run(c) => run(&c, reducers).await,
+        Command::CheckConfig(c) => check_config(&c, &reducers),
+        Command::Status { config, json } => status(&config, &reducers, json).await,
+        Command::Get {
+            config,
+            projection,
+            key,
+        } => get(&config, &reducers, &projection, &key).await,
+        Command::Verify {
+            config,
+            projection,
+            json,
+        } => verify(&config, &reducers, &projection, json).await,
+        Command::PublishJsonl { url, stream, file } => publish_jsonl(&url, stream, &file).await,
+        Command::KvDump { config, projection } => kv_dump(&config, &reducers, &projection).await,
+    }
+}
+
+/// Loads and compiles a configuration, printing every problem.
+fn load(arg: &ConfigArg, reducers: &Reducers) -> Result<(Config, Vec<Arc<Spec>>), Exit> {
+    let config = Config::load(&arg.config).map_err(|err| {
+        eprintln!("{}: invalid configuration:\n{err}", arg.config.display());
+        Exit::Usage
+    })?;
+    let specs = runtime::compile(&config, reducers).map_err(|err| {
+        eprintln!("{}: {err}", arg.config.display());
+        Exit::Usage
+    })?;
+    Ok((config, specs))
+}
+
+fn spec_named<'a>(specs: &'a [Arc<Spec>], name: &str) -> Result<&'a Arc<Spec>, Exit> {
+    specs.iter().find(|s| s.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = specs.iter().map(|s| s.name()).collect();
+        eprintln!(
+            "no projection {name:?} (the configuration has: {})",
+            names.join(", ")
+        );
+        Exit::Usage
+    })
+}
+
+async fn run(arg: &ConfigArg, reducers: Reducers) -> Exit {
+    let (config, _) = match load(arg, &reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received");
+        signal.cancel();
+    });
+    runtime::run(config, reducers, shutdown).await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check_config(arg: &ConfigArg, reducers: &Reducers) -> Exit {
+    match load(arg, reducers) {
+        Ok((config, _)) => {
+            println!(
+                "{}: valid ({} projection{})",
+                arg.config.display(),
+                config.projection.len(),
+                if config.projection.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            );
+            Exit::Ok
+        }
+        Err(exit) => exit,
+    }
+}
+
+/// How a one-shot command reaches the store.
+enum Access {
+    /// The store file, opened by this process.
+    Direct(Arc<Store>),
+    /// A running process holds it: ask its admin routes.
+    Running(String),
+    /// No store file yet.
+    Missing,
+}
+
+fn access(config: &Config) -> Result<Access, Exit> {
+    match Store::open_existing(&config.store.path, config.store.cache_mib) {
+        Ok(Some(store)) => Ok(Access::Direct(Arc::new(store))),
+        Ok(None) => Ok(Access::Missing),
+        Err(err) if err.kind() == StoreErrorKind::Locked => {
+            if config.http.listen.is_empty() {
+                eprintln!("{err}, and [http] listen is disabled, so it cannot be asked");
+                return Err(Exit::Failure);
+            }
+            Ok(Access::Running(config.http.listen.clone()))
+        }
+        Err(err) => {
+            let (exit, message) = runtime::store_exit(&err);
+            eprintln!("{message}");
+            Err(exit)
+        }
+    }
+}
+
+async fn get(arg: &ConfigArg, reducers: &Reducers, projection: &str, key: &str) -> Exit {
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let spec = match spec_named(&specs, projection) {
+        Ok(spec) => spec.clone(),
+        Err(exit) => return exit,
+    };
+    let found = match access(&config) {
+        Err(exit) => return exit,
+        Ok(Access::Missing) => None,
+        Ok(Access::Direct(store)) => match runtime::lookup(&store, &spec, key) {
+            Ok(found) => found,
+            Err(err) => {
+                let (exit, message) = runtime::store_exit(&err);
+                eprintln!("{message}");
+                return exit;
+            }
+        },
+        Ok(Access::Running(addr)) => {
+            let path = format!(
+                "/admin/get?projection={}&key={}",
+                admin::encode(projection),
+                admin::encode(key)
+            );
+            match admin::get(&addr, &path).await {
+                Ok(r) if r.status == 200 => Some(r.body),
+                Ok(r) if r.status == 404 => None,
+                Ok(r) => {
+                    eprintln!(
+                        "the running projector answered {}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body).trim()
+                    );
+                    return Exit::Failure;
+                }
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            }
+        }
+    };
+    match found {
+        Some(value) => {
+            println!("{}", String::from_utf8_lossy(&value));
+            Exit::Ok
+        }
+        None => {
+            eprintln!("{projection}: no key {key:?}");
+            Exit::Failure
+        }
+    }
+}
+
+async fn status(arg: &ConfigArg, reducers: &Reducers, json: bool) -> Exit {
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let rows: Vec<(Status, Result<(), String>)> = match access(&config) {
+        Err(exit) => return exit,
+        Ok(Access::Running(addr)) => match admin::get(&addr, "/admin/status").await {
+            Ok(r) if r.status == 200 => {
+                match serde_json::from_slice::<Vec<serde_json::Value>>(&r.body) {
+                    Ok(values) => values
+                        .into_iter()
+                        .filter_map(|v| {
+                            let status: Status =
+                                serde_json::from_value(v["status"].clone()).ok()?;
+                            let ready = match v["reason"].as_str() {
+                                Some(reason) => Err(reason.to_owned()),
+                                None => Ok(()),
+                            };
+                            Some((status, ready))
+                        })
+                        .collect(),
+                    Err(err) => {
+                        eprintln!("unexpected answer from the running projector: {err}");
+                        return Exit::Failure;
+                    }
+                }
+            }
+            Ok(r) => {
+                eprintln!("the running projector answered {}", r.status);
+                return Exit::Failure;
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                return Exit::Failure;
+            }
+        },
+        Ok(access) => offline_status(&config, &specs, access).await,
+    };
+    if json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|(s, ready)| {
+                serde_json::json!({
+                    "projection": s.projection, "version": s.version, "stream": s.stream,
+                    "consumer": s.consumer, "kv_bucket": s.kv_bucket,
+                    "last_applied_stream_seq": s.last_applied_seq,
+                    "stream_last_seq": s.stream_last_seq, "pending": s.pending,
+                    "ack_pending": s.ack_pending, "kv_outbox": s.kv_outbox,
+                    "ready": ready.is_ok(), "reason": ready.as_ref().err(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        for (s, ready) in &rows {
+            println!("{} (v{})", s.projection, s.version);
+            println!("  stream            {}  consumer {}", s.stream, s.consumer);
+            println!(
+                "  kv bucket         {}",
+                s.kv_bucket.as_deref().unwrap_or("(none: store only)")
+            );
+            println!(
+                "  last applied seq  {}  (stream last {})",
+                s.last_applied_seq, s.stream_last_seq
+            );
+            println!(
+                "  pending           {}  ack pending {}  kv outbox {}",
+                s.pending, s.ack_pending, s.kv_outbox
+            );
+            match ready {
+                Ok(()) => println!("  ready             yes"),
+                Err(why) => println!("  ready             no: {why}"),
+            }
+        }
+    }
+    Exit::Ok
+}
+
+/// Status from the store file and NATS when no process runs.
+async fn offline_status(
+    config: &Config,
+    specs: &[Arc<Spec>],
+    access: Access,
+) -> Vec<(Status, Result<(), String>)> {
+    let store = match access {
+        Access::Direct(store) => Some(store),
+        _ => None,
+    };
+    let js = match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::consume::connect(&config.nats, config.nats_url()),
+    )
+    .await
+    {
+        Ok(Ok(client)) => Some(async_nats::jetstream::new(client)),
+        _ => None,
+    };
+    let mut rows = Vec::new();
+    for spec in specs {
+        let mut s = Status {
+            projection: spec.config.name.clone(),
+            version: spec.config.version,
+            stream: spec.config.stream.clone(),
+            consumer: spec.durable.clone(),
+            kv_bucket: spec.config.kv_bucket.clone(),
+            ..Status::default()
+        };
+        if let Some(store) = &store {
+            if let Ok(Some(c)) = store.checkpoint(&spec.namespace) {
+                s.last_applied_seq = c.last_seq;
+            }
+            s.kv_outbox = store.outbox_len(&spec.namespace).unwrap_or(0);
+        }
+        if let Some(js) = &js {
+            if let Ok(mut stream) = js.get_stream(&spec.config.stream).await {
+                if let Ok(info) = stream.info().await {
+                    s.stream_last_seq = info.state.last_sequence;
+                }
+                if let Ok(mut consumer) = stream
+                    .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&spec.durable)
+                    .await
+                {
+                    if let Ok(info) = consumer.info().await {
+                        s.pending = info.num_pending;
+                        s.ack_pending = info.num_ack_pending as u64;
+                    }
+                }
+            }
+        }
+        let why = if js.is_none() {
+            "not running (and NATS is not reachable)"
+        } else {
+            "not running"
+        };
+        rows.push((s, Err(why.to_owned())));
+    }
+    rows
+}
+
+async fn verify(arg: &ConfigArg, reducers: &Reducers, projection: &str, json: bool) -> Exit {
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let spec = match spec_named(&specs, projection) {
+        Ok(spec) => spec.clone(),
+        Err(exit) => return exit,
+    };
+    let report = match access(&config) {
+        Err(exit) => return exit,
+        Ok(Access::Missing) => {
+            eprintln!("no store at {}", config.store.path.display());
+            return Exit::Failure;
+        }
+        Ok(Access::Running(addr)) => {
+            let path = format!("/admin/verify?projection={}", admin::encode(projection));
+            match admin::get(&addr, &path).await {
+                Ok(r) if r.status == 200 => match serde_json::from_slice(&r.body) {
+                    Ok(report) => report,
+                    Err(err) => {
+                        eprintln!("unexpected answer from the running projector: {err}");
+                        return Exit::Failure;
+                    }
+                },
+                Ok(r) => {
+                    eprintln!(
+                        "the running projector answered {}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body).trim()
+                    );
+                    return Exit::Failure;
+                }
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            }
+        }
+        Ok(Access::Direct(store)) => {
+            let client = match crate::consume::connect(&config.nats, config.nats_url()).await {
+                Ok(client) => client,
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            };
+            let js = async_nats::jetstream::new(client);
+            match crate::kv::verify::verify(&store, &js, &spec).await {
+                Ok(report) => report,
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            }
+        }
+    };
+    print_report(&report, json);
+    if report.is_clean() {
+        Exit::Ok
+    } else {
+        Exit::FailClosed
+    }
+}
+
+fn print_report(report: &crate::kv::verify::Report, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "{}: {} store keys, {} KV keys, {} matching, {} pending in the outbox, {} differences",
+        report.projection,
+        report.store_keys,
+        report.kv_keys,
+        report.matching,
+        report.pending,
+        report.differences
+    );
+    for line in &report.listed {
+        println!("  {line}");
+    }
+}
+
+async fn publish_jsonl(url: &str, stream: Option<String>, file: &Path) -> Exit {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!("{}: {err}", file.display());
+            return Exit::Usage;
+        }
+    };
+    let mut messages = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let value: serde_json::Value = match serde_json::from_str(line) {
+            Ok(value) => value,
+            Err(err) => {
+                eprintln!("{}:{}: {err}", file.display(), i + 1);
+                return Exit::Usage;
+            }
+        };
+        let (Some(subject), Some(event)) = (value["subject"].as_str(), value.get("event")) else {
+            eprintln!(
+                "{}:{}: needs \"subject\" and \"event\"",
+                file.display(),
+                i + 1
+            );
+            return Exit::Usage;
+        };
+        messages.push((
+            subject.to_owned(),
+            serde_json::to_vec(event).unwrap_or_default(),
+        ));
+    }
+    let client = match async_nats::connect(url).await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("cannot connect to {url}: {err}");
+            return Exit::Failure;
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    if let Some(name) = stream {
+        let mut prefixes: Vec<String> = messages
+            .iter()
+            .map(|(s, _)| format!("{}.>", s.split('.').next().unwrap_or(s)))
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        if js.get_stream(&name).await.is_err() {
+            if let Err(err) = js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: prefixes,
+                    ..Default::default()
+                })
+                .await
+            {
+                eprintln!("cannot create stream {name}: {err}");
+                return Exit::Failure;
+            }
+        }
+    }
+    let total = messages.len();
+    let mut acks = std::collections::VecDeque::new();
+    for (subject, payload) in messages {
+        match js.publish(subject, payload.into()).await {
+            Ok(ack) => acks.push_back(ack),
+            Err(err) => {
+                eprintln!("publish failed: {err}");
+                return Exit::Failure;
+            }
+        }
+        if acks.len() >= 512 {
+            if let Some(ack) = acks.pop_front() {
+                if let Err(err) = ack.await {
+                    eprintln!("publish failed: {err}");
+                    return Exit::Failure;
+                }
+            }
+        }
+    }
+    for ack in acks {
+        if let Err(err) = ack.await {
+            eprintln!("publish failed: {err}");
+            return Exit::Failure;
+        }
+    }
+    println!("published {total} events");
+    Exit::Ok
+}
+
+async fn kv_dump(arg: &ConfigArg, reducers: &Reducers, projection: &str) -> Exit {
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let spec = match spec_named(&specs, projection) {
+        Ok(spec) => spec.clone(),
+        Err(exit) => return exit,
+    };
+    let Some(bucket) = &spec.config.kv_bucket else {
+        eprintln!("{projection} has no kv_bucket");
+        return Exit::Usage;
+    };
+    let client = match crate::consume::connect(&config.nats, config.nats_url()).await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("{err}");
+            return Exit::Failure;
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    match crate::kv::verify::kv_entries(&js, bucket).await {
+        Ok(entries) => {
+            for (key, (op, value)) in entries {
+                if op == async_nats::jetstream::kv::Operation::Put {
+                    println!("{key} {}", String::from_utf8_lossy(&value));
+                }
+            }
+            Exit::Ok
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            Exit::Failure
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The command line. `main.rs` only calls [`main`]; a library user with Rust reducers calls
+//! [`main_with`] from their own binary and gets every command.
+
+mod admin;
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::runtime::{Exit, Reducers};
+
+/// Turns NATS JetStream event streams into read models (redb + JetStream KV).
+#[derive(Debug, Parser)]
+#[command(name = "nats-projector", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `nats_projector=debug`...); `RUST_LOG` also works.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The configuration file argument shared by the commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// The configuration file (TOML).
+    #[arg(long, env = "NATS_PROJECTOR_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every projection until SIGTERM/SIGINT, then drain and exit 0.
+    Run(ConfigArg),
+    /// Parse and validate a configuration; print each problem with its TOML path (exit 2).
+    CheckConfig(ConfigArg),
+    /// Per projection: stream, consumer, last applied sequence, pending, KV outbox, readiness.
+    Status {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stored record of KEY in the KV value format.
+    Get {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The projection.
+        projection: String,
+        /// The key (as in KV; an unescaped value is escaped and tried too).
+        key: String,
+    },
+    /// Compare KV with the local store key by key; exit 3 on any difference.
+    Verify {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The projection.
+        projection: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Development helper: publish a JSONL file of `{"subject", "event"}` lines to NATS.
+    #[command(hide = true)]
+    PublishJsonl {
+        /// NATS URL.
+        #[arg(long, env = "NATS_URL", default_value = crate::config::DEFAULT_NATS_URL)]
+        url: String,
+        /// Create this stream (capturing the file's subjects' first token + `.>`) if missing.
+        #[arg(long)]
+        stream: Option<String>,
+        /// The file.
+        file: PathBuf,
+    },
+    /// Development helper: print every live KV entry of a projection's bucket.
+    #[command(hide = true)]
+    KvDump {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The projection.
+        projection: String,
+    },
+}
+
+/// Runs the command line with the built-in reducers only.
+pub fn main() -> ExitCode {
+    main_with(Reducers::new())
+}
+
+/// Runs the command line with `reducers` for projections with `reducer = "custom"`.
+pub fn main_with(reducers: Reducers) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return Exit::Failure.into();
+        }
+    };
+    let exit = runtime.block_on(commands::dispatch(cli.command, reducers));
+    // Blocking store tasks must not outlive main.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    exit.into()
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Human => builder.with_target(false).init(),
+    }
+}

@@ -1,0 +1,397 @@
+//! Consuming: the NATS connection, binding (or creating) the durable pull consumer, the KV
+//! bucket and the DLQ stream, and assembling fetched messages into batches.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    kv, stream,
+};
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{NatsConfig, StorageKind};
+use crate::spec::Spec;
+
+/// Why talking to NATS failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatsError {
+    /// Could not connect (or configure the connection).
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The URL(s).
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The projection's stream does not exist.
+    #[error("stream {0:?} does not exist")]
+    StreamNotFound(String),
+    /// A JetStream API call failed.
+    #[error("{what}: {reason}")]
+    Api {
+        /// What was attempted.
+        what: String,
+        /// The server's or client's reason.
+        reason: String,
+    },
+}
+
+fn api(what: impl Into<String>, err: impl std::fmt::Display) -> NatsError {
+    NatsError::Api {
+        what: what.into(),
+        reason: err.to_string(),
+    }
+}
+
+/// Connects to NATS with the configured authentication and TLS.
+pub async fn connect(config: &NatsConfig, url: &str) -> Result<async_nats::Client, NatsError> {
+    let fail = |reason: String| NatsError::Connect {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut options = match &config.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| fail(format!("creds_file {}: {e}", path.display())))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(path) = &config.nkey_seed_file {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| fail(format!("nkey_seed_file {}: {e}", path.display())))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(tls) = &config.tls {
+        options = options.require_tls(true);
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(|| "nats-projector".into());
+    options
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                other => tracing::warn!(event = %other, "NATS connection event"),
+            }
+        })
+        .connect(url.split(',').map(str::trim).collect::<Vec<_>>().join(","))
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// Looks up the projection's stream.
+pub async fn stream_of(js: &jetstream::Context, name: &str) -> Result<stream::Stream, NatsError> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(stream),
+        Err(err) => match err.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(e)
+                if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Err(NatsError::StreamNotFound(name.to_owned()))
+            }
+            _ => Err(api(format!("stream info {name}"), err)),
+        },
+    }
+}
+
+/// The consumer configuration a projection needs. `start_after` is the sequence already
+/// processed by the store (a new durable starts right after it).
+///
+/// The configured `backoff` is deliberately NOT set on the consumer: the server then replaces
+/// `ack_wait` by `backoff[0]` and redelivers any batch that takes longer. The projector applies
+/// the backoff itself as its retry schedule.
+pub fn consumer_config(spec: &Spec, start_after: u64) -> pull::Config {
+    let c = &spec.config;
+    let (filter_subject, filter_subjects) = match c.filter_subjects.as_slice() {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
+    pull::Config {
+        durable_name: Some(spec.durable.clone()),
+        description: Some(format!("nats-projector {} v{}", c.name, c.version)),
+        deliver_policy: if start_after == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: start_after + 1,
+            }
+        },
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: c.ack_wait,
+        max_deliver: c.max_deliver,
+        max_ack_pending: c.max_ack_pending,
+        filter_subject,
+        filter_subjects,
+        ..Default::default()
+    }
+}
+
+/// Binds the durable consumer: updates it when it exists (filter subjects, limits), creates it
+/// otherwise, starting after `start_after`.
+pub async fn bind_consumer(
+    stream: &stream::Stream,
+    spec: &Spec,
+    start_after: u64,
+) -> Result<PullConsumer, NatsError> {
+    let mut wanted = consumer_config(spec, start_after);
+    match stream.consumer_info(&spec.durable).await {
+        Ok(info) => {
+            let current = info.config;
+            // The start position of an existing durable cannot change, and must not.
+            wanted.deliver_policy = current.deliver_policy;
+            wanted.replay_policy = current.replay_policy;
+            wanted.description = current.description.clone();
+            if needs_update(&current, &wanted) {
+                tracing::info!(consumer = %spec.durable, "updating the durable consumer's configuration");
+                stream
+                    .update_consumer(wanted)
+                    .await
+                    .map_err(|e| api(format!("update consumer {}", spec.durable), e))
+            } else {
+                stream
+                    .get_consumer(&spec.durable)
+                    .await
+                    .map_err(|e| api(format!("bind consumer {}", spec.durable), e))
+            }
+        }
+        Err(err) if err.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            tracing::info!(consumer = %spec.durable, start_after, "creating the durable consumer");
+            stream
+                .create_consumer(wanted)
+                .await
+                .map_err(|e| api(format!("create consumer {}", spec.durable), e))
+        }
+        Err(err) => Err(api(format!("consumer info {}", spec.durable), err)),
+    }
+}
+
+fn needs_update(current: &jetstream::consumer::Config, wanted: &pull::Config) -> bool {
+    current.ack_wait != wanted.ack_wait
+        || current.max_deliver != wanted.max_deliver
+        || current.max_ack_pending != wanted.max_ack_pending
+        || current.filter_subject != wanted.filter_subject
+        || current.filter_subjects != wanted.filter_subjects
+        || current.ack_policy != wanted.ack_policy
+        || !current.backoff.is_empty()
+}
+
+/// Binds the KV bucket, creating it when missing.
+pub async fn ensure_kv(
+    js: &jetstream::Context,
+    spec: &Spec,
+) -> Result<Option<kv::Store>, NatsError> {
+    let Some(bucket) = &spec.config.kv_bucket else {
+        return Ok(None);
+    };
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(Some(store));
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: bucket.clone(),
+            description: format!("nats-projector read model of {}", spec.config.name),
+            history: spec.config.kv_history,
+            num_replicas: spec.config.kv_replicas,
+            storage: match spec.config.kv_storage {
+                StorageKind::File => stream::StorageType::File,
+                StorageKind::Memory => stream::StorageType::Memory,
+            },
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => {
+            tracing::info!(kv_bucket = %bucket, "created the KV bucket");
+            Ok(Some(store))
+        }
+        // Another instance may have created it meanwhile.
+        Err(err) => js
+            .get_key_value(bucket)
+            .await
+            .map(Some)
+            .map_err(|_| api(format!("create KV bucket {bucket}"), err)),
+    }
+}
+
+/// Ensures the DLQ stream exists and captures this projection's dead-letter subjects.
+pub async fn ensure_dlq_stream(js: &jetstream::Context, spec: &Spec) -> Result<(), NatsError> {
+    let name = &spec.config.dlq_stream;
+    let capture = spec.dlq.capture(spec.name(), &spec.config.stream);
+    match js.get_stream(name).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| api(format!("stream info {name}"), e))?;
+            if info
+                .config
+                .subjects
+                .iter()
+                .any(|s| s == &capture || s == ">")
+            {
+                return Ok(());
+            }
+            let mut config = info.config.clone();
+            config.subjects.push(capture);
+            js.update_stream(config)
+                .await
+                .map(|_| ())
+                .map_err(|e| api(format!("add the DLQ subject to stream {name}"), e))
+        }
+        Err(_) => js
+            .create_stream(stream::Config {
+                name: name.clone(),
+                description: Some("nats-projector dead letters".into()),
+                subjects: vec![capture],
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| api(format!("create DLQ stream {name}"), e)),
+    }
+}
+
+/// What [`Source::next_batch`] returns.
+#[derive(Debug)]
+pub enum Fetched {
+    /// Messages, in delivery order.
+    Batch(Vec<jetstream::Message>),
+    /// Nothing arrived within the idle interval.
+    Idle,
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// Turns the consumer's message stream into batches bounded by count and bytes.
+pub struct Source {
+    consumer: PullConsumer,
+    messages: Option<pull::Stream>,
+    batch: usize,
+    batch_bytes: usize,
+    idle: Duration,
+    /// Incremented each time the message stream had to be re-created (missed heartbeats, a
+    /// deleted or moved consumer, a stall).
+    pub rebinds: u64,
+}
+
+impl Source {
+    /// A source over `consumer`.
+    pub fn new(consumer: PullConsumer, batch: usize, batch_bytes: usize, idle: Duration) -> Source {
+        Source {
+            consumer,
+            messages: None,
+            batch,
+            batch_bytes,
+            idle,
+            rebinds: 0,
+        }
+    }
+
+    /// The consumer.
+    pub fn consumer(&mut self) -> &mut PullConsumer {
+        &mut self.consumer
+    }
+
+    /// Drops the message stream so the next fetch re-creates it (the watchdog's re-bind).
+    pub fn rebind(&mut self) {
+        self.messages = None;
+        self.rebinds += 1;
+    }
+
+    async fn stream(&mut self) -> Result<&mut pull::Stream, NatsError> {
+        if self.messages.is_none() {
+            let stream = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.batch)
+                .max_bytes_per_batch(self.batch_bytes)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+                .map_err(|e| api("pull messages", e))?;
+            self.messages = Some(stream);
+        }
+        self.messages
+            .as_mut()
+            .ok_or_else(|| api("pull messages", "stream missing"))
+    }
+
+    /// Waits for the first message (up to the idle interval), then takes whatever else is
+    /// already buffered, up to the batch limits.
+    pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Fetched, NatsError> {
+        let idle = self.idle;
+        let (batch_max, bytes_max) = (self.batch, self.batch_bytes);
+        let stream = self.stream().await?;
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(Fetched::Shutdown),
+            next = tokio::time::timeout(idle, stream.next()) => next,
+        };
+        let first = match first {
+            Err(_) => return Ok(Fetched::Idle),
+            Ok(None) => {
+                self.rebind();
+                return Ok(Fetched::Idle);
+            }
+            Ok(Some(Err(err))) => {
+                tracing::warn!(error = %err, "pull consumer error; re-binding");
+                self.rebind();
+                return Ok(Fetched::Idle);
+            }
+            Ok(Some(Ok(message))) => message,
+        };
+        let mut bytes = first.payload.len();
+        let mut batch = vec![first];
+        while batch.len() < batch_max && bytes < bytes_max {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(message))) => {
+                    bytes += message.payload.len();
+                    batch.push(message);
+                }
+                Some(Some(Err(err))) => {
+                    tracing::warn!(error = %err, "pull consumer error; re-binding");
+                    self.rebind();
+                    break;
+                }
+                Some(None) => {
+                    self.rebind();
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(Fetched::Batch(batch))
+    }
+}
+
+/// Acks (or NAKs, or marks in progress) a set of messages; errors are logged, never fatal:
+/// an ack that does not arrive only means a redelivery, which the store recognizes.
+pub async fn ack_all(messages: &[jetstream::Message], kind: AckKind) {
+    for message in messages {
+        if let Err(err) = message.ack_with(kind).await {
+            tracing::warn!(error = %err, "could not send an ack");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The HTTP listener: `/metrics`, `/livez`, `/readyz`, and the admin routes through which
+//! one-shot commands reach a running process (redb lets one process open the store).
+//!
+//! Loopback by default: the admin routes are read-only but not authenticated.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::pipeline::StatusCell;
+use crate::spec::Spec;
+use crate::store::Store;
+
+/// One projection as the HTTP routes see it.
+#[derive(Clone)]
+pub struct ProjectionHandle {
+    /// The compiled projection.
+    pub spec: Arc<Spec>,
+    /// Its live status.
+    pub status: Arc<StatusCell>,
+}
+
+/// Shared state of the routes.
+#[derive(Clone)]
+pub struct AppState {
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// Every projection.
+    pub projections: Arc<Vec<ProjectionHandle>>,
+    /// The store.
+    pub store: Arc<Store>,
+    /// `/readyz` is 503 above this lag.
+    pub ready_max_lag: u64,
+    /// Set at SIGTERM: `/readyz` turns 503 while the process drains.
+    pub draining: Arc<AtomicBool>,
+    /// The NATS connection, for admin routes that read KV.
+    pub js: Option<async_nats::jetstream::Context>,
+}
+
+impl AppState {
+    fn projection(&self, name: &str) -> Option<&ProjectionHandle> {
+        self.projections.iter().find(|p| p.spec.name() == name)
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/admin/status", get(status))
+        .route("/admin/get", get(get_record))
+        .route("/admin/verify", get(verify))
+        .with_state(state)
+}
+
+/// Serves until `stop` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state
+        .metrics
+        .store_bytes
+        .set(state.store.file_size() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let mut problems = String::new();
+    for p in state.projections.iter() {
+        if let Err(why) = p.status.get().readiness(state.ready_max_lag) {
+            problems.push_str(&format!("{}: {why}\n", p.spec.name()));
+        }
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems).into_response()
+    }
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    let all: Vec<_> = state
+        .projections
+        .iter()
+        .map(|p| {
+            let s = p.status.get();
+            let ready = s.readiness(state.ready_max_lag);
+            serde_json::json!({
+                "status": s,
+                "ready": ready.is_ok(),
+                "reason": ready.err(),
+            })
+        })
+        .collect();
+    Json(all).into_response()
+}
+
+#[derive(Deserialize)]
+struct GetQuery {
+    projection: String,
+    key: String,
+}
+
+async fn get_record(State(state): State<AppState>, Query(q): Query<GetQuery>) -> Response {
+    let Some(p) = state.projection(&q.projection) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no projection {:?}\n", q.projection),
+        )
+            .into_response();
+    };
+    let (store, spec, key) = (state.store.clone(), p.spec.clone(), q.key);
+    let found =
+        tokio::task::spawn_blocking(move || crate::runtime::lookup(&store, &spec, &key)).await;
+    match found {
+        Ok(Ok(Some(value))) => {
+            ([(header::CONTENT_TYPE, "application/json")], value).into_response()
+        }
+        Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no such key\n").into_response(),
+        Ok(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ProjectionQuery {
+    projection: String,
+}
+
+async fn verify(State(state): State<AppState>, Query(q): Query<ProjectionQuery>) -> Response {
+    let Some(p) = state.projection(&q.projection) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no projection {:?}\n", q.projection),
+        )
+            .into_response();
+    };
+    let Some(js) = &state.js else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response();
+    };
+    match crate::kv::verify::verify(&state.store, js, &p.spec).await {
+        Ok(report) => Json(report).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}

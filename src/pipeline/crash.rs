@@ -1,0 +1,36 @@
+//! Crash points for the fault-injection tests.
+//!
+//! With the `fault-injection` feature, `NATS_PROJECTOR_CRASH_AT=POINT:N` aborts the process
+//! (no unwinding, no flush: like `kill -9`) the N-th time the pipeline reaches POINT. Without
+//! the feature these calls compile to nothing.
+
+/// Between the redb commit and the KV writes.
+pub const AFTER_COMMIT: &str = "after_commit";
+/// Between the KV writes and the acks.
+pub const AFTER_KV: &str = "after_kv";
+
+/// Aborts here if the environment asks for it.
+#[cfg(feature = "fault-injection")]
+pub fn point(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("NATS_PROJECTOR_CRASH_AT") else {
+        return;
+    };
+    let Some((point, nth)) = spec.split_once(':') else {
+        return;
+    };
+    if point != name {
+        return;
+    }
+    let nth: u64 = nth.parse().unwrap_or(1);
+    if HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        eprintln!("fault injection: aborting at {name} (hit {nth})");
+        std::process::abort();
+    }
+}
+
+/// Aborts here if the environment asks for it (disabled in this build).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_name: &str) {}

@@ -1,0 +1,760 @@
+//! One projection's loop: fetch → decode → apply (one redb transaction) → KV → DLQ → ack.
+//!
+//! Ack ordering, the invariant everything else serves: a message is acked only after
+//! (1) the redb transaction holding its effect committed, (2) KV acknowledged the write of
+//! every key the batch changed (driven from the durable outbox, so a crash in between loses
+//! nothing), and (3) for a poison event, the DLQ stream acknowledged the dead letter.
+//!
+//! Infrastructure failures (store I/O, KV or NATS unavailable) hold the batch in hand: it is
+//! kept alive with in-progress acks and retried on the `backoff` schedule, never NAKed, so no
+//! later event of a key can overtake an earlier one. A message on its last delivery is
+//! processed alone, and dead-lettered if it still cannot be applied.
+
+pub mod crash;
+mod status;
+
+pub use status::{Status, StatusCell};
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::consume::{self, Fetched, Source};
+use crate::decode::{ErrorCode, Poison};
+use crate::dlq::DeadLetter;
+use crate::kv::{KvWriter, Written};
+use crate::metrics::ProjectionMetrics;
+use crate::spec::{MessageView, Spec};
+use crate::store::{
+    Applied, DeadNote, Housekeeping, Item, KvWrite, Outcome, Position, Store, StoreErrorKind,
+};
+
+/// How long a fetch waits before the pipeline does idle work (samples, housekeeping).
+const IDLE: Duration = Duration::from_secs(1);
+/// How often consumer and stream info are sampled while busy.
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+/// KV writes awaiting their acks at once.
+const KV_IN_FLIGHT: usize = 256;
+
+/// Why a pipeline stopped for good.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// A condition that needs an operator (corruption, gap): the process exits 3.
+    #[error("failed closed: {0}")]
+    FailClosed(String),
+    /// Anything else that cannot be retried: the process exits 1.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Everything one projection's loop needs.
+pub struct Pipeline {
+    spec: Arc<Spec>,
+    store: Arc<Store>,
+    js: jetstream::Context,
+    metrics: ProjectionMetrics,
+    status: Arc<StatusCell>,
+    cancel: CancellationToken,
+    house: Housekeeping,
+    kv: Option<KvWriter>,
+    stream_created_ns: i128,
+    /// (highest seq, its publish ms) of recent batches: lower bounds for the ack floor's time.
+    recent: VecDeque<(u64, u64)>,
+    last_sample: Option<Instant>,
+    last_applied_ms: u64,
+    idle_rounds: u32,
+    ready_max_lag: u64,
+}
+
+impl Pipeline {
+    /// A pipeline for `spec`.
+    pub fn new(
+        spec: Arc<Spec>,
+        store: Arc<Store>,
+        js: jetstream::Context,
+        metrics: ProjectionMetrics,
+        status: Arc<StatusCell>,
+        cancel: CancellationToken,
+        ready_max_lag: u64,
+    ) -> Pipeline {
+        Pipeline {
+            spec,
+            store,
+            js,
+            metrics,
+            status,
+            cancel,
+            house: Housekeeping::default(),
+            kv: None,
+            stream_created_ns: 0,
+            recent: VecDeque::new(),
+            last_sample: None,
+            last_applied_ms: 0,
+            idle_rounds: 0,
+            ready_max_lag,
+        }
+    }
+
+    /// Runs until the cancellation token fires (then drains: the batch in hand is finished,
+    /// committed, written to KV and acked) or a fail-closed condition.
+    pub async fn run(mut self) -> Result<(), PipelineError> {
+        let span = info_span!("projection", projection = %self.spec.name(),
+            stream = %self.spec.config.stream, consumer = %self.spec.durable);
+        async move {
+            let Some(consumer) = self.bind().await? else {
+                return Ok(());
+            };
+            if !self.flush_outbox().await? {
+                return Ok(());
+            }
+            self.status.update(|s| {
+                s.bound = true;
+                s.failure = None;
+            });
+            info!("projection bound and running");
+            let c = &self.spec.config;
+            let mut source = Source::new(consumer, c.batch, c.batch_bytes, IDLE);
+            loop {
+                if self.last_sample.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
+                    self.sample(source.consumer()).await;
+                }
+                match source.next_batch(&self.cancel).await {
+                    Ok(Fetched::Shutdown) => break,
+                    Ok(Fetched::Idle) => {
+                        self.idle_rounds += 1;
+                        self.housekeep().await?;
+                        let status = self.status.get();
+                        if self.idle_rounds >= 3 && status.pending > 0 {
+                            warn!(
+                                pending = status.pending,
+                                "no message while the consumer has pending ones; re-binding"
+                            );
+                            source.rebind();
+                            self.metrics.rebinds.inc();
+                            self.idle_rounds = 0;
+                        }
+                    }
+                    Ok(Fetched::Batch(messages)) => {
+                        self.idle_rounds = 0;
+                        self.process(messages).await?;
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "fetch failed");
+                        self.status
+                            .update(|s| s.failure = Some(format!("fetch failed: {err}")));
+                        if !self.pause(Duration::from_secs(1)).await {
+                            break;
+                        }
+                    }
+                }
+                if self.cancel.is_cancelled() {
+                    break;
+                }
+            }
+            self.housekeep().await?;
+            info!("projection drained");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sleeps unless cancelled; returns false when cancelled.
+    async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let list = &self.spec.config.backoff;
+        list.get(attempt as usize)
+            .or(list.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// Binds the stream, KV bucket, DLQ stream and consumer, retrying until it works or the
+    /// pipeline is cancelled (`Ok(None)`).
+    async fn bind(&mut self) -> Result<Option<PullConsumer>, PipelineError> {
+        let mut attempt = 0;
+        loop {
+            match self.try_bind().await {
+                Ok(consumer) => return Ok(Some(consumer)),
+                Err(err) => {
+                    warn!(error = %err, "cannot bind the projection yet; retrying");
+                    self.status.update(|s| s.failure = Some(err.to_string()));
+                    if !self.pause(self.backoff(attempt)).await {
+                        return Ok(None);
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn try_bind(&mut self) -> Result<PullConsumer, consume::NatsError> {
+        let stream = consume::stream_of(&self.js, &self.spec.config.stream).await?;
+        self.stream_created_ns = stream.cached_info().created.unix_timestamp_nanos();
+        if let Some(kv) = consume::ensure_kv(&self.js, &self.spec).await? {
+            let bucket = self.spec.config.kv_bucket.clone().unwrap_or_default();
+            self.kv = Some(KvWriter::new(self.js.clone(), kv, &bucket, KV_IN_FLIGHT));
+        }
+        consume::ensure_dlq_stream(&self.js, &self.spec).await?;
+        let checkpoint = self
+            .store_call(|store, spec| store.checkpoint(&spec.namespace))
+            .await;
+        let start_after = match checkpoint {
+            Ok(c) => c.map_or(0, |c| {
+                self.last_applied_ms = c.last_publish_ms;
+                self.metrics.last_applied.set(c.last_seq as i64);
+                self.status.update(|s| s.last_applied_seq = c.last_seq);
+                c.acked_floor
+            }),
+            Err(err) => {
+                return Err(consume::NatsError::Api {
+                    what: "read the checkpoint".into(),
+                    reason: err,
+                });
+            }
+        };
+        consume::bind_consumer(&stream, &self.spec, start_after).await
+    }
+
+    /// Runs a store call on the blocking pool (redb commits fsync: never on the async workers).
+    async fn store_call<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Store, &Spec) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, String> {
+        let (store, spec) = (self.store.clone(), self.spec.clone());
+        tokio::task::spawn_blocking(move || call(&store, &spec))
+            .await
+            .map_err(|e| format!("store task failed: {e}"))?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes every outbox entry to KV before anything else (startup). Returns false when
+    /// cancelled first.
+    async fn flush_outbox(&mut self) -> Result<bool, PipelineError> {
+        let Some(kv) = &self.kv else {
+            return Ok(true);
+        };
+        let (name, version) = (self.spec.config.name.clone(), self.spec.config.version);
+        let entries = {
+            let (store, ns) = (self.store.clone(), self.spec.namespace.clone());
+            tokio::task::spawn_blocking(move || store.outbox(&ns))
+                .await
+                .map_err(|e| PipelineError::Fatal(e.to_string()))?
+                .map_err(|e| match e.kind() {
+                    StoreErrorKind::Corrupted => PipelineError::FailClosed(e.to_string()),
+                    _ => PipelineError::Fatal(e.to_string()),
+                })?
+        };
+        if entries.is_empty() {
+            return Ok(true);
+        }
+        info!(
+            keys = entries.len(),
+            "flushing the KV outbox left by the previous run"
+        );
+        let writes: Vec<KvWrite> = entries
+            .into_iter()
+            .map(|(key, record)| KvWrite {
+                payload: record.kv_value(&name, version).into(),
+                seq: record.seq,
+                delete: record.is_deleted(),
+                revision_hint: record.kv_revision,
+                key,
+            })
+            .collect();
+        self.metrics.kv_outbox.set(writes.len() as i64);
+        let mut pending = writes;
+        let mut attempt = 0;
+        loop {
+            let (done, failed, stats) = kv.write_all(&pending).await;
+            self.count_kv(stats);
+            self.house
+                .kv_confirmed
+                .extend(done.into_iter().map(confirmed));
+            if failed.is_empty() {
+                break;
+            }
+            let reason = format!("KV unavailable while flushing the outbox: {}", failed[0]);
+            warn!(failed = failed.len(), "{reason}");
+            self.status.update(|s| s.failure = Some(reason));
+            pending.retain(|w| failed.iter().any(|f| f.key == w.key));
+            if !self.pause(self.backoff(attempt)).await {
+                return Ok(false);
+            }
+            attempt += 1;
+        }
+        self.housekeep().await?;
+        Ok(true)
+    }
+
+    fn count_kv(&self, stats: crate::kv::WriteStats) {
+        self.metrics.kv_ok.inc_by(stats.ok);
+        self.metrics.kv_conflict.inc_by(stats.conflicts);
+        self.metrics.kv_superseded.inc_by(stats.superseded);
+        self.metrics.kv_error.inc_by(stats.errors);
+    }
+
+    /// Folds pending confirmations into the store when there is no batch to carry them.
+    async fn housekeep(&mut self) -> Result<(), PipelineError> {
+        if self.house.is_empty() {
+            return Ok(());
+        }
+        let house = std::mem::take(&mut self.house);
+        let (store, spec) = (self.store.clone(), self.spec.clone());
+        let kept = house.clone();
+        let result = tokio::task::spawn_blocking(move || store.housekeep(&spec, &house))
+            .await
+            .map_err(|e| PipelineError::Fatal(e.to_string()))?;
+        match result {
+            Ok(outbox) => {
+                self.metrics.kv_outbox.set(outbox as i64);
+                self.status.update(|s| s.kv_outbox = outbox);
+                Ok(())
+            }
+            Err(err) if err.kind() == StoreErrorKind::Corrupted => {
+                Err(PipelineError::FailClosed(err.to_string()))
+            }
+            Err(err) => {
+                warn!(error = %err, "store housekeeping failed; will retry");
+                self.house = kept;
+                let _ = self.store.reopen();
+                Ok(())
+            }
+        }
+    }
+
+    /// Samples consumer and stream info: lag, readiness, and the ack floor.
+    async fn sample(&mut self, consumer: &mut PullConsumer) {
+        self.last_sample = Some(Instant::now());
+        let info = match consumer.info().await {
+            Ok(info) => info.clone(),
+            Err(err) => {
+                debug!(error = %err, "consumer info failed");
+                return;
+            }
+        };
+        let (pending, ack_pending) = (info.num_pending, info.num_ack_pending as u64);
+        let floor = info.ack_floor.stream_sequence;
+        if floor > 0 {
+            while self.recent.len() > 1 && self.recent.get(1).is_some_and(|(s, _)| *s <= floor) {
+                self.recent.pop_front();
+            }
+            let floor_ms = self
+                .recent
+                .front()
+                .filter(|(s, _)| *s <= floor)
+                .map_or(0, |(_, ms)| *ms);
+            self.house.ack_floor = Some((floor, floor_ms));
+        }
+        let stream_last = match self.js.get_stream(&self.spec.config.stream).await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .map(|i| i.state.last_sequence)
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        let lag = pending + ack_pending;
+        self.metrics.pending.set(pending as i64);
+        self.metrics.ack_pending.set(ack_pending as i64);
+        self.metrics.lag_messages.set(lag as i64);
+        self.metrics.stream_last.set(stream_last as i64);
+        self.set_lag_seconds(lag);
+        let status = {
+            self.status.update(|s| {
+                s.pending = pending;
+                s.ack_pending = ack_pending;
+                s.stream_last_seq = stream_last;
+                s.sampled = true;
+            });
+            self.status.get()
+        };
+        self.metrics
+            .ready
+            .set(i64::from(status.readiness(self.ready_max_lag).is_ok()));
+    }
+
+    fn set_lag_seconds(&self, lag: u64) {
+        let seconds = if lag == 0 || self.last_applied_ms == 0 {
+            0.0
+        } else {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            now_ms.saturating_sub(self.last_applied_ms) as f64 / 1000.0
+        };
+        self.metrics.lag_seconds.set(seconds);
+    }
+
+    /// Processes fetched messages in order; messages on their last delivery go alone.
+    async fn process(&mut self, messages: Vec<jetstream::Message>) -> Result<(), PipelineError> {
+        let max_deliver = self.spec.config.max_deliver;
+        let is_last = |m: &jetstream::Message| {
+            max_deliver > 0
+                && m.info()
+                    .map(|i| i.delivered >= max_deliver)
+                    .unwrap_or(false)
+        };
+        let mut segments: VecDeque<(Vec<jetstream::Message>, Mode)> = VecDeque::new();
+        let mut current = Vec::new();
+        for message in messages {
+            // Without JetStream metadata a message can be neither ordered nor acked.
+            if let Err(err) = message.info() {
+                warn!(error = %err, subject = %message.subject, "message without JetStream metadata ignored");
+                continue;
+            }
+            if is_last(&message) {
+                if !current.is_empty() {
+                    segments.push_back((std::mem::take(&mut current), Mode::Normal));
+                }
+                segments.push_back((vec![message], Mode::LastDelivery));
+            } else {
+                current.push(message);
+            }
+        }
+        if !current.is_empty() {
+            segments.push_back((current, Mode::Normal));
+        }
+        while let Some((segment, mode)) = segments.pop_front() {
+            match self.process_segment(segment, mode).await? {
+                Segment::Done => {}
+                // A reducer panicked: isolate the culprit by processing one message at a time.
+                Segment::Panicked(messages) => {
+                    for m in messages.into_iter().rev() {
+                        segments.push_front((vec![m], Mode::Isolated));
+                    }
+                }
+            }
+            if self.cancel.is_cancelled() {
+                // Messages not yet processed are left unacked: redelivered to the next run.
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn items(&self, messages: &[jetstream::Message]) -> (Vec<Item>, Option<Position>) {
+        let mut items = Vec::with_capacity(messages.len());
+        let mut newest: Option<(u64, u64, &jetstream::Message)> = None;
+        for m in messages {
+            let Ok(info) = m.info() else {
+                continue;
+            };
+            let seq = info.stream_sequence;
+            let publish_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let view = MessageView {
+                seq,
+                subject: m.subject.as_str(),
+                headers: m.headers.as_ref(),
+                payload: &m.payload,
+                publish_ms,
+            };
+            items.push(match self.spec.prepare(&view) {
+                Ok(prepared) => Item::Event(prepared),
+                Err(poison) => Item::Poison { seq, poison },
+            });
+            if newest.is_none_or(|(s, _, _)| seq > s) {
+                newest = Some((seq, publish_ms, m));
+            }
+        }
+        let position = newest.map(|(seq, publish_ms, m)| Position {
+            stream: self.spec.config.stream.clone(),
+            stream_created_ns: self.stream_created_ns,
+            seq,
+            publish_ms,
+            payload_sha256: Sha256::digest(&m.payload).into(),
+        });
+        (items, position)
+    }
+
+    /// Applies one segment end to end. Returns the messages back when the reducer panicked.
+    async fn process_segment(
+        &mut self,
+        messages: Vec<jetstream::Message>,
+        mode: Mode,
+    ) -> Result<Segment, PipelineError> {
+        let started = Instant::now();
+        let span = info_span!(
+            "batch",
+            size = messages.len(),
+            first_seq = tracing::field::Empty,
+            last_seq = tracing::field::Empty
+        );
+        for m in &messages {
+            if m.info().is_ok_and(|i| i.delivered > 1) {
+                self.metrics.redeliveries.inc();
+            }
+        }
+        let mut attempt = 0u32;
+        let applied: Applied = loop {
+            let (items, position) = self.items(&messages);
+            if let (Some(first), Some(p)) = (items.first(), &position) {
+                span.record("first_seq", first.seq());
+                span.record("last_seq", p.seq);
+            }
+            let house = self.house.clone();
+            let (store, spec) = (self.store.clone(), self.spec.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                store.apply(&spec, items, &house, position.as_ref())
+            })
+            .await;
+            match result {
+                Ok(Ok(applied)) => break applied,
+                Err(join) if join.is_panic() => {
+                    if mode == Mode::Normal && messages.len() > 1 {
+                        warn!(parent: &span, "the reducer panicked; isolating the event");
+                        return Ok(Segment::Panicked(messages));
+                    }
+                    let poison = Poison::new(ErrorCode::ReducerError, "the reducer panicked");
+                    self.dead_letter_all(&messages, poison).await?;
+                    return Ok(Segment::Done);
+                }
+                Err(join) => {
+                    return Err(PipelineError::Fatal(format!("store task failed: {join}")));
+                }
+                Ok(Err(err)) => match err.kind() {
+                    StoreErrorKind::Corrupted => {
+                        error!(parent: &span, error = %err, "the store is corrupted; failing closed");
+                        return Err(PipelineError::FailClosed(err.to_string()));
+                    }
+                    StoreErrorKind::Locked | StoreErrorKind::Fatal => {
+                        return Err(PipelineError::Fatal(err.to_string()));
+                    }
+                    StoreErrorKind::Transient => {
+                        if mode == Mode::LastDelivery {
+                            let poison = Poison::new(
+                                ErrorCode::StoreUnavailable,
+                                format!("the store failed on the last delivery: {err}"),
+                            );
+                            self.dead_letter_all(&messages, poison).await?;
+                            return Ok(Segment::Done);
+                        }
+                        let reason = format!("store unavailable: {err}");
+                        error!(parent: &span, error = %err, attempt, "store write failed; holding the batch and retrying");
+                        if !self.hold(&messages, reason, attempt).await {
+                            return Ok(Segment::Done);
+                        }
+                        if let Err(reopen) = self.store.reopen() {
+                            warn!(error = %reopen, "store reopen failed");
+                        }
+                        attempt += 1;
+                    }
+                },
+            }
+        };
+        // The batch's housekeeping is now folded into the store.
+        self.house = Housekeeping::default();
+        crash::point(crash::AFTER_COMMIT);
+
+        let mut poisoned = Vec::new();
+        for (m, outcome) in messages.iter().zip(&applied.outcomes) {
+            match outcome {
+                Outcome::Applied => self.metrics.applied.inc(),
+                Outcome::Duplicate | Outcome::AlreadyDead => self.metrics.duplicate.inc(),
+                Outcome::StaleEpoch => self.metrics.stale_epoch.inc(),
+                Outcome::Poison(poison) => poisoned.push((m, poison.clone())),
+            }
+        }
+
+        // KV first: every key this batch changed, compare-and-set from the committed state.
+        if !self.write_kv(&messages, applied.kv_writes).await {
+            return Ok(Segment::Done);
+        }
+        crash::point(crash::AFTER_KV);
+
+        // Dead letters, each acknowledged by the DLQ stream before its original is acked.
+        for (m, poison) in poisoned {
+            let letter = self.letter(m, poison);
+            if !self.publish_dead_letter(&letter, &messages).await {
+                return Ok(Segment::Done);
+            }
+        }
+
+        consume::ack_all(&messages, AckKind::Ack).await;
+
+        let last = self.house.kv_confirmed.len() as u64;
+        let outbox = applied.outbox_len.saturating_sub(last);
+        self.metrics.kv_outbox.set(outbox as i64);
+        self.metrics.batch_size.observe(messages.len() as f64);
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some((seq, ms)) = messages
+            .iter()
+            .filter_map(|m| m.info().ok())
+            .map(|i| {
+                (
+                    i.stream_sequence,
+                    (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+                )
+            })
+            .max()
+        {
+            self.recent.push_back((seq, ms));
+            if self.recent.len() > 4096 {
+                self.recent.pop_front();
+            }
+            self.last_applied_ms = self.last_applied_ms.max(ms);
+            let previous = self.status.get().last_applied_seq;
+            let seq = seq.max(previous);
+            self.metrics.last_applied.set(seq as i64);
+            let pending = messages
+                .last()
+                .and_then(|m| m.info().ok())
+                .map_or(0, |i| i.pending);
+            self.metrics.lag_messages.set(pending as i64);
+            self.set_lag_seconds(pending);
+            self.status.update(|s| {
+                s.last_applied_seq = seq;
+                s.kv_outbox = outbox;
+                s.failure = None;
+                s.pending = pending;
+            });
+        }
+        debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch done");
+        Ok(Segment::Done)
+    }
+
+    /// Keeps held messages alive and waits before the next attempt. Returns false when the
+    /// pipeline was cancelled meanwhile (the messages are then NAKed for a prompt redelivery).
+    async fn hold(&self, messages: &[jetstream::Message], reason: String, attempt: u32) -> bool {
+        self.status.update(|s| s.failure = Some(reason));
+        self.metrics.retried.inc_by(messages.len() as u64);
+        self.metrics.ready.set(0);
+        consume::ack_all(messages, AckKind::Progress).await;
+        let wait = self.backoff(attempt).min(self.spec.config.ack_wait / 2);
+        if self.pause(wait).await {
+            true
+        } else {
+            consume::ack_all(messages, AckKind::Nak(None)).await;
+            false
+        }
+    }
+
+    async fn write_kv(&mut self, messages: &[jetstream::Message], writes: Vec<KvWrite>) -> bool {
+        let Some(kv) = &self.kv else {
+            return true;
+        };
+        let mut pending = writes;
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let (done, failed, stats) = kv.write_all(&pending).await;
+            self.count_kv(stats);
+            self.house
+                .kv_confirmed
+                .extend(done.into_iter().map(confirmed));
+            if failed.is_empty() {
+                break;
+            }
+            let reason = format!("KV unavailable: {}", failed[0]);
+            warn!(
+                failed = failed.len(),
+                attempt, "{reason}; holding the batch and retrying"
+            );
+            pending.retain(|w| failed.iter().any(|f| f.key == w.key));
+            if !self.hold(messages, reason, attempt).await {
+                return false;
+            }
+            attempt += 1;
+        }
+        true
+    }
+
+    fn letter(&self, m: &jetstream::Message, poison: Poison) -> DeadLetter {
+        let info = m.info().ok();
+        DeadLetter {
+            seq: info.as_ref().map_or(0, |i| i.stream_sequence),
+            deliveries: info.as_ref().map_or(0, |i| i.delivered.max(0) as u64),
+            subject: m.subject.to_string(),
+            headers: m.headers.clone(),
+            payload: m.payload.clone(),
+            poison,
+        }
+    }
+
+    async fn publish_dead_letter(
+        &mut self,
+        letter: &DeadLetter,
+        held: &[jetstream::Message],
+    ) -> bool {
+        let mut attempt = 0;
+        loop {
+            match letter.publish(&self.js, &self.spec).await {
+                Ok(()) => {
+                    warn!(stream_seq = letter.seq, subject = %letter.subject,
+                        error_code = letter.poison.code.as_str(), outcome = "dead_lettered",
+                        reason = %letter.poison.reason, "event dead-lettered");
+                    self.metrics.dead_letter(letter.poison.code);
+                    self.house.dead_published.push((
+                        letter.seq,
+                        DeadNote {
+                            code: letter.poison.code.to_string(),
+                            reason: letter.poison.reason.clone(),
+                            subject: letter.subject.clone(),
+                        },
+                    ));
+                    return true;
+                }
+                Err(err) => {
+                    let reason = format!("DLQ unavailable: {err}");
+                    warn!(attempt, "{reason}; holding the batch and retrying");
+                    if !self.hold(held, reason, attempt).await {
+                        return false;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Dead-letters every message of a segment (last delivery, reducer panic) and acks them.
+    async fn dead_letter_all(
+        &mut self,
+        messages: &[jetstream::Message],
+        poison: Poison,
+    ) -> Result<(), PipelineError> {
+        for m in messages {
+            let letter = self.letter(m, poison.clone());
+            if !self.publish_dead_letter(&letter, messages).await {
+                return Ok(());
+            }
+        }
+        consume::ack_all(messages, AckKind::Ack).await;
+        Ok(())
+    }
+}
+
+enum Segment {
+    Done,
+    Panicked(Vec<jetstream::Message>),
+}
+
+/// How a segment of a batch is processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Normally: outages are held and retried.
+    Normal,
+    /// One message alone after a reducer panic: a panic dead-letters it.
+    Isolated,
+    /// One message on its last delivery: any failure dead-letters it.
+    LastDelivery,
+}
+
+fn confirmed(written: Written) -> crate::store::KvConfirmed {
+    match written {
+        Written::Ok(c) | Written::Superseded(c) => c,
+    }
+}

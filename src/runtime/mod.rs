@@ -1,0 +1,249 @@
+//! `run`: every projection of a configuration, the HTTP listener, and a graceful shutdown.
+//!
+//! One cancellation token is fanned out to every task; at SIGTERM/SIGINT `/readyz` turns 503,
+//! the pipelines stop fetching and finish the batch in hand (commit, KV, ack), and the process
+//! exits once every task has drained.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::http::{AppState, ProjectionHandle};
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, PipelineError, Status, StatusCell};
+use crate::reduce::Projection;
+use crate::spec::Spec;
+use crate::store::{Store, StoreError, StoreErrorKind};
+
+/// The process exit codes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: success.
+    Ok = 0,
+    /// 1: a runtime failure.
+    Failure = 1,
+    /// 2: bad usage or bad configuration.
+    Usage = 2,
+    /// 3: failed closed (a gap or a mismatch that needs an operator).
+    FailClosed = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// Rust reducers for projections with `reducer = "custom"`, by projection name.
+#[derive(Clone, Default)]
+pub struct Reducers(HashMap<String, Arc<dyn Projection>>);
+
+impl Reducers {
+    /// No custom reducers.
+    pub fn new() -> Reducers {
+        Reducers::default()
+    }
+
+    /// Registers `reducer` for the projection named `projection`.
+    pub fn with(mut self, projection: &str, reducer: impl Projection) -> Reducers {
+        self.0.insert(projection.to_owned(), Arc::new(reducer));
+        self
+    }
+
+    /// The reducer of a projection.
+    pub fn get(&self, projection: &str) -> Option<Arc<dyn Projection>> {
+        self.0.get(projection).cloned()
+    }
+}
+
+/// Compiles every projection of a validated configuration.
+pub fn compile(config: &Config, reducers: &Reducers) -> Result<Vec<Arc<Spec>>, String> {
+    config
+        .projection
+        .iter()
+        .map(|p| Spec::compile(p, reducers.get(&p.name)).map(Arc::new))
+        .collect()
+}
+
+/// Opens the store for a long-running process, with a message for each failure class.
+pub fn open_store(config: &Config) -> Result<Arc<Store>, (Exit, String)> {
+    Store::open(&config.store.path, config.store.cache_mib)
+        .map(Arc::new)
+        .map_err(|err| store_exit(&err))
+}
+
+/// The exit code and message of a store error.
+pub fn store_exit(err: &StoreError) -> (Exit, String) {
+    match err.kind() {
+        StoreErrorKind::Corrupted => (
+            Exit::FailClosed,
+            format!("{err}: restore it (see the README's runbook) or move it aside to rebuild"),
+        ),
+        StoreErrorKind::Locked => (
+            Exit::Failure,
+            format!("{err}: another nats-projector is running with this store"),
+        ),
+        _ => (Exit::Failure, err.to_string()),
+    }
+}
+
+/// The KV-format JSON of `key` (or of its escaped form) in the store.
+pub fn lookup(store: &Store, spec: &Spec, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut record = store.record(&spec.namespace, key)?;
+    if record.is_none() {
+        let escaped = crate::key::escape(key);
+        if escaped != key {
+            record = store.record(&spec.namespace, &escaped)?;
+        }
+    }
+    Ok(record.map(|r| r.kv_value(&spec.config.name, spec.config.version)))
+}
+
+/// Runs every projection until `shutdown` fires, then drains. Returns the exit code.
+pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken) -> Exit {
+    let specs = match compile(&config, &reducers) {
+        Ok(specs) => specs,
+        Err(err) => {
+            error!("{err}");
+            return Exit::Usage;
+        }
+    };
+    let store = match open_store(&config) {
+        Ok(store) => store,
+        Err((exit, message)) => {
+            error!("{message}");
+            return exit;
+        }
+    };
+    let metrics = Metrics::new();
+    let handles: Vec<ProjectionHandle> = specs
+        .iter()
+        .map(|spec| ProjectionHandle {
+            spec: spec.clone(),
+            status: Arc::new(StatusCell::new(Status {
+                projection: spec.config.name.clone(),
+                version: spec.config.version,
+                stream: spec.config.stream.clone(),
+                consumer: spec.durable.clone(),
+                kv_bucket: spec.config.kv_bucket.clone(),
+                ..Status::default()
+            })),
+        })
+        .collect();
+    let draining = Arc::new(AtomicBool::new(false));
+    let http_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    info!(url = %config.nats_url(), "connecting to NATS");
+    let client = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Exit::Ok,
+            result = crate::consume::connect(&config.nats, config.nats_url()) => match result {
+                Ok(client) => break client,
+                Err(err) => {
+                    warn!(error = %err, "NATS not reachable yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Exit::Ok,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+        }
+    };
+    let js = async_nats::jetstream::new(client.clone());
+
+    let state = AppState {
+        metrics: metrics.clone(),
+        projections: Arc::new(handles.clone()),
+        store: store.clone(),
+        ready_max_lag: config.http.ready_max_lag,
+        draining: draining.clone(),
+        js: Some(js.clone()),
+    };
+    if !config.http.listen.is_empty() {
+        let listener = match tokio::net::TcpListener::bind(&config.http.listen).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                error!(listen = %config.http.listen, error = %err, "cannot listen");
+                return Exit::Failure;
+            }
+        };
+        info!(listen = %config.http.listen, "serving /metrics, /livez, /readyz");
+        let stop = http_stop.clone();
+        tracker.spawn(async move {
+            if let Err(err) = crate::http::serve(listener, state, stop).await {
+                error!(error = %err, "HTTP listener failed");
+            }
+        });
+    }
+
+    let failure: Arc<std::sync::Mutex<Option<Exit>>> = Arc::default();
+    let pipelines = TaskTracker::new();
+    for handle in &handles {
+        let spec = handle.spec.clone();
+        let m = metrics.projection(spec.name(), &spec.config.stream, &spec.durable);
+        let pipeline = Pipeline::new(
+            spec.clone(),
+            store.clone(),
+            js.clone(),
+            m.clone(),
+            handle.status.clone(),
+            shutdown.clone(),
+            config.http.ready_max_lag,
+        );
+        let (failure, shutdown, status) =
+            (failure.clone(), shutdown.clone(), handle.status.clone());
+        pipelines.spawn(async move {
+            match pipeline.run().await {
+                Ok(()) => {}
+                Err(err) => {
+                    let exit = match err {
+                        PipelineError::FailClosed(_) => Exit::FailClosed,
+                        PipelineError::Fatal(_) => Exit::Failure,
+                    };
+                    error!(projection = %spec.name(), error = %err, "projection stopped");
+                    m.ready.set(0);
+                    if exit == Exit::FailClosed {
+                        m.gaps.inc();
+                    }
+                    status.update(|s| s.gap = Some(err.to_string()));
+                    if let Ok(mut slot) = failure.lock() {
+                        slot.get_or_insert(exit);
+                    }
+                    shutdown.cancel();
+                }
+            }
+        });
+    }
+    pipelines.close();
+
+    shutdown.cancelled().await;
+    draining.store(true, Ordering::SeqCst);
+    info!("shutting down: finishing the batches in hand");
+    if tokio::time::timeout(Duration::from_secs(25), pipelines.wait())
+        .await
+        .is_err()
+    {
+        warn!("projections did not drain within 25s");
+    }
+    if let Err(err) = client.flush().await {
+        warn!(error = %err, "could not flush the last acks");
+    }
+    http_stop.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    let exit = failure
+        .lock()
+        .ok()
+        .and_then(|slot| *slot)
+        .unwrap_or(Exit::Ok);
+    info!(code = exit as u8, "stopped");
+    exit
+}

