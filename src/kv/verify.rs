@@ -103,51 +103,43 @@ pub async fn verify(
         let expected: Value =
             serde_json::from_slice(&record.kv_value(&spec.config.name, spec.config.version))
                 .map_err(|e| e.to_string())?;
-        let found = kv.remove(&key);
-        if pending.contains(&key) {
-            report.pending += 1;
-            continue;
-        }
-        match found {
-            None => differ(
-                &mut report,
-                format!("{key}: in the store (seq {}) but not in KV", record.seq),
-            ),
+        let problem = match kv.remove(&key) {
+            None => Some(format!(
+                "{key}: in the store (seq {}) but not in KV",
+                record.seq
+            )),
             Some((Operation::Put, bytes)) => {
                 let actual: Option<Value> = serde_json::from_slice(&bytes).ok();
                 if record.is_deleted() {
-                    differ(
-                        &mut report,
-                        format!("{key}: deleted in the store but live in KV"),
-                    );
+                    Some(format!("{key}: deleted in the store but live in KV"))
                 } else if actual.as_ref() != Some(&expected) {
-                    differ(
-                        &mut report,
-                        format!(
-                            "{key}: KV value differs from the store (seq {})",
-                            record.seq
-                        ),
-                    );
+                    Some(format!(
+                        "{key}: KV value differs from the store (seq {})",
+                        record.seq
+                    ))
                 } else {
-                    report.matching += 1;
+                    None
                 }
             }
             Some((_, bytes)) => {
                 let held = serde_json::from_slice::<KvValue>(&bytes).ok();
                 if !record.is_deleted() {
-                    differ(
-                        &mut report,
-                        format!(
-                            "{key}: live in the store (seq {}) but deleted in KV",
-                            record.seq
-                        ),
-                    );
+                    Some(format!(
+                        "{key}: live in the store (seq {}) but deleted in KV",
+                        record.seq
+                    ))
                 } else if held.is_some_and(|v| v.last_applied_stream_seq != record.seq) {
-                    differ(&mut report, format!("{key}: tombstone sequences differ"));
+                    Some(format!("{key}: tombstone sequences differ"))
                 } else {
-                    report.matching += 1;
+                    None
                 }
             }
+        };
+        match problem {
+            None => report.matching += 1,
+            // Its KV write is still on its way: not a difference.
+            Some(_) if pending.contains(&key) => report.pending += 1,
+            Some(line) => differ(&mut report, line),
         }
     }
     for (key, (op, _)) in kv {

@@ -146,14 +146,21 @@ fn read_ports(dir: &Path) -> Option<String> {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- nats-server log tail ----\n{}\n------------------------------", self.log_tail(40));
+            eprintln!(
+                "---- nats-server log tail ----\n{}\n------------------------------",
+                self.log_tail(40)
+            );
         }
         self.kill();
     }
 }
 
 /// Creates a file-backed stream capturing `subjects`.
-pub async fn create_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) -> stream::Stream {
+pub async fn create_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &[&str],
+) -> stream::Stream {
     js.create_stream(stream::Config {
         name: name.into(),
         subjects: subjects.iter().map(|s| s.to_string()).collect(),
@@ -190,7 +197,10 @@ pub async fn publish_all(js: &jetstream::Context, messages: Vec<(String, Vec<u8>
 pub async fn kv_snapshot(
     js: &jetstream::Context,
     bucket: &str,
-) -> (std::collections::BTreeMap<String, serde_json::Value>, std::collections::BTreeMap<String, serde_json::Value>) {
+) -> (
+    std::collections::BTreeMap<String, serde_json::Value>,
+    std::collections::BTreeMap<String, serde_json::Value>,
+) {
     use futures::StreamExt;
     let kv = js.get_key_value(bucket).await.expect("bucket");
     let mut live = std::collections::BTreeMap::new();
@@ -248,4 +258,223 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Writes a configuration file for `server` with `store` as the redb path, an HTTP listener
+/// on `http_port` (0: none), and `projections` (TOML text of `[[projection]]` tables).
+pub fn write_config(server: &NatsServer, dir: &Path, http_port: u16, projections: &str) -> PathBuf {
+    let listen = if http_port == 0 {
+        String::new()
+    } else {
+        format!("127.0.0.1:{http_port}")
+    };
+    let text = format!(
+        "[nats]\nurl = \"{}\"\n\n[store]\npath = \"{}\"\n\n[http]\nlisten = \"{listen}\"\n\n{projections}\n",
+        server.url,
+        dir.join("store.redb").display()
+    );
+    let path = dir.join("projector.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// The projector running in this process.
+pub struct InProcess {
+    cancel: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<nats_projector::runtime::Exit>,
+}
+
+impl InProcess {
+    /// Starts `run` on a configuration file.
+    pub fn start(config: &Path) -> InProcess {
+        InProcess::start_with(config, nats_projector::Reducers::new())
+    }
+
+    /// Starts `run` with custom reducers.
+    pub fn start_with(config: &Path, reducers: nats_projector::Reducers) -> InProcess {
+        let config = nats_projector::config::Config::load(config).expect("valid config");
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(nats_projector::runtime::run(
+            config,
+            reducers,
+            cancel.clone(),
+        ));
+        InProcess { cancel, handle }
+    }
+
+    /// Stops it like SIGTERM does, and returns its exit code.
+    pub async fn stop(self) -> nats_projector::runtime::Exit {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("drains within 30s")
+            .expect("run task")
+    }
+}
+
+/// Waits until the durable consumer has nothing pending or unacked (everything applied, in
+/// KV, and acked).
+pub async fn wait_drained(js: &jetstream::Context, stream: &str, durable: &str, timeout: Duration) {
+    eventually(timeout, "the consumer to drain", || async {
+        let Ok(stream) = js.get_stream(stream).await else {
+            return false;
+        };
+        match stream.consumer_info(durable).await {
+            Ok(info) => {
+                info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.delivered.stream_sequence > 0
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+/// The `nats-projector` binary built for these tests.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_nats-projector")
+}
+
+/// Runs a one-shot command of the binary; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run the binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Loads the shared fixture: (subject, envelope bytes) lines and the expected read model.
+pub fn fixture() -> (Vec<(String, Vec<u8>)>, serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let lines = std::fs::read_to_string(dir.join("orders.jsonl")).expect("fixture events");
+    let events = lines
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("fixture line");
+            (
+                v["subject"].as_str().expect("subject").to_owned(),
+                serde_json::to_vec(&v["event"]).expect("json"),
+            )
+        })
+        .collect();
+    let expected = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("orders.expected.json")).expect("fixture oracle"),
+    )
+    .expect("oracle json");
+    (events, expected)
+}
+
+/// The `[[projection]]` of the fixture's oracle.
+pub const FIXTURE_PROJECTION: &str = r#"
+[[projection]]
+name = "orders"
+stream = "ORDERS"
+filter_subjects = ["orders.event.>"]
+key = "{data.order_id}"
+reducer = "merge"
+delete_on = ["order.cancelled"]
+epoch = "{data.epoch}"
+kv_bucket = "orders_view"
+batch = 64
+"#;
+
+/// Asserts that KV and the store both equal the fixture's expected read model.
+pub async fn assert_fixture_model(
+    js: &jetstream::Context,
+    store_path: &Path,
+    expected: &serde_json::Value,
+) {
+    let (live, deleted) = kv_snapshot(js, "orders_view").await;
+    let store = nats_projector::store::Store::open(store_path, 8).expect("open store");
+    let records = store.records("orders@v1").expect("records");
+    let keys = expected["keys"].as_object().expect("keys");
+    assert_eq!(records.len(), keys.len(), "store key count");
+    for (key, record) in records {
+        let want = &keys[&key];
+        assert_eq!(
+            record.seq,
+            want["last_applied_stream_seq"].as_u64().unwrap(),
+            "{key} seq"
+        );
+        assert_eq!(
+            record.event_id,
+            want["last_applied_event_id"].as_str().unwrap(),
+            "{key} id"
+        );
+        assert_eq!(record.epoch, want["epoch"].as_u64(), "{key} epoch");
+        if want["deleted"].as_bool() == Some(true) {
+            assert!(record.is_deleted(), "{key} deleted in the store");
+            assert!(!live.contains_key(&key), "{key} deleted in KV");
+            assert_eq!(
+                deleted[&key]["last_applied_stream_seq"], want["last_applied_stream_seq"],
+                "{key} tombstone"
+            );
+            assert_eq!(deleted[&key]["deleted"], serde_json::json!(true));
+        } else {
+            let state: serde_json::Value =
+                serde_json::from_slice(record.state.as_ref().unwrap()).unwrap();
+            assert_eq!(state, want["state"], "{key} state in the store");
+            let kv = &live[&key];
+            assert_eq!(kv["state"], want["state"], "{key} state in KV");
+            assert_eq!(
+                kv["last_applied_stream_seq"], want["last_applied_stream_seq"],
+                "{key} KV seq"
+            );
+            assert_eq!(
+                kv["last_applied_event_id"], want["last_applied_event_id"],
+                "{key} KV id"
+            );
+            assert_eq!(kv["epoch"], want["epoch"], "{key} KV epoch");
+            assert_eq!(kv["projection"], "orders");
+            assert_eq!(kv["version"], 1);
+        }
+    }
+}
+
+/// Scrapes a counter/gauge value from the Prometheus text at `port`.
+pub async fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let body = http_get(port, "/metrics").await?.1;
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .find(|l| {
+            l[name.len()..].starts_with('{')
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+                || (labels.is_empty() && l[name.len()..].starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `GET path` on the loopback port: (status, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
 }
