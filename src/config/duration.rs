@@ -26,15 +26,21 @@ pub mod list {
     use super::*;
     use serde::ser::SerializeSeq;
 
+    /// One element, deserialized on its own so that errors carry its index.
+    struct Element(Duration);
+
+    impl<'de> Deserialize<'de> for Element {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            super::deserialize(deserializer).map(Element)
+        }
+    }
+
     /// Deserializes a list of humantime strings.
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Vec<Duration>, D::Error> {
-        let texts = Vec::<String>::deserialize(deserializer)?;
-        texts
-            .iter()
-            .map(|t| parse(t).map_err(D::Error::custom))
-            .collect()
+        let elements = Vec::<Element>::deserialize(deserializer)?;
+        Ok(elements.into_iter().map(|e| e.0).collect())
     }
 
     /// Serializes as a list of humantime strings.
