@@ -6,8 +6,12 @@ use std::time::Duration;
 use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
-    kv, stream,
+    kv,
+    message::{Acker, StreamMessage},
+    stream,
 };
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
@@ -272,11 +276,91 @@ pub async fn ensure_dlq_stream(js: &jetstream::Context, spec: &Spec) -> Result<(
     }
 }
 
+/// A message handed to the pipeline: delivered by the durable consumer (and then ackable),
+/// or read back from the stream during recovery (not ackable: its pending delivery is acked
+/// when the consumer redelivers it).
+pub struct Incoming {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Delivery count (0 for a message read back from the stream).
+    pub delivered: i64,
+    /// Messages still pending for the consumer after this one (0 when unknown).
+    pub pending: u64,
+    /// Publish time in the stream, Unix ms.
+    pub publish_ms: u64,
+    /// Subject.
+    pub subject: Subject,
+    /// Headers.
+    pub headers: Option<HeaderMap>,
+    /// Payload.
+    pub payload: Bytes,
+    acker: Option<Acker>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("seq", &self.seq)
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// A message pulled from the durable; `None` without JetStream metadata.
+    pub fn pulled(message: jetstream::Message) -> Option<Incoming> {
+        let (seq, delivered, pending, publish_ms) = {
+            let info = message.info().ok()?;
+            (
+                info.stream_sequence,
+                info.delivered,
+                info.pending,
+                (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+            )
+        };
+        let (message, acker) = message.split();
+        Some(Incoming {
+            seq,
+            delivered,
+            pending,
+            publish_ms,
+            subject: message.subject,
+            headers: message.headers,
+            payload: message.payload,
+            acker: Some(acker),
+        })
+    }
+
+    /// A message read back from the stream.
+    pub fn stored(message: StreamMessage) -> Incoming {
+        Incoming {
+            seq: message.sequence,
+            delivered: 0,
+            pending: 0,
+            publish_ms: (message.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+            subject: message.subject,
+            headers: Some(message.headers).filter(|h| h.iter().next().is_some()),
+            payload: message.payload,
+            acker: None,
+        }
+    }
+
+    /// Sends an ack of `kind` (nothing for messages read back from the stream). Errors are
+    /// logged: an ack that never arrives only means a redelivery, which the store recognizes.
+    pub async fn ack(&self, kind: AckKind) {
+        if let Some(acker) = &self.acker {
+            if let Err(err) = acker.ack_with(kind).await {
+                tracing::warn!(error = %err, stream_seq = self.seq, "could not send an ack");
+            }
+        }
+    }
+}
+
 /// What [`Source::next_batch`] returns.
 #[derive(Debug)]
 pub enum Fetched {
     /// Messages, in delivery order.
-    Batch(Vec<jetstream::Message>),
+    Batch(Vec<Incoming>),
     /// Nothing arrived within the idle interval.
     Idle,
     /// Shutdown was requested.
@@ -293,6 +377,7 @@ pub struct Source {
     /// Incremented each time the message stream had to be re-created (missed heartbeats, a
     /// deleted or moved consumer, a stall).
     pub rebinds: u64,
+    rebound: bool,
 }
 
 impl Source {
@@ -305,6 +390,7 @@ impl Source {
             batch_bytes,
             idle,
             rebinds: 0,
+            rebound: true,
         }
     }
 
@@ -314,9 +400,18 @@ impl Source {
     }
 
     /// Drops the message stream so the next fetch re-creates it (the watchdog's re-bind).
+    /// Messages it had buffered come back only after `ack_wait`, behind newer ones, so the
+    /// pipeline must recover the unacked range before fetching again ([`Source::rebound`]).
     pub fn rebind(&mut self) {
         self.messages = None;
         self.rebinds += 1;
+        self.rebound = true;
+    }
+
+    /// Whether the subscription was (re-)created since the last call: the unacked range must
+    /// then be read back in order first. True before the first fetch.
+    pub fn rebound(&mut self) -> bool {
+        std::mem::take(&mut self.rebound)
     }
 
     async fn stream(&mut self) -> Result<&mut pull::Stream, NatsError> {
@@ -363,12 +458,12 @@ impl Source {
             Ok(Some(Ok(message))) => message,
         };
         let mut bytes = first.payload.len();
-        let mut batch = vec![first];
+        let mut batch: Vec<Incoming> = Incoming::pulled(first).into_iter().collect();
         while batch.len() < batch_max && bytes < bytes_max {
             match stream.next().now_or_never() {
                 Some(Some(Ok(message))) => {
                     bytes += message.payload.len();
-                    batch.push(message);
+                    batch.extend(Incoming::pulled(message));
                 }
                 Some(Some(Err(err))) => {
                     tracing::warn!(error = %err, "pull consumer error; re-binding");
@@ -386,12 +481,73 @@ impl Source {
     }
 }
 
-/// Acks (or NAKs, or marks in progress) a set of messages; errors are logged, never fatal:
-/// an ack that does not arrive only means a redelivery, which the store recognizes.
-pub async fn ack_all(messages: &[jetstream::Message], kind: AckKind) {
+/// Acks (or NAKs, or marks in progress) a set of messages.
+pub async fn ack_all(messages: &[Incoming], kind: AckKind) {
     for message in messages {
-        if let Err(err) = message.ack_with(kind).await {
-            tracing::warn!(error = %err, "could not send an ack");
+        message.ack(kind).await;
+    }
+}
+
+/// Reads the messages of `stream` matching `filters` with sequences in `(after, through]`, in
+/// stream order, up to `limit` of them. Used to recover a range the durable delivered to a
+/// previous subscription but that was never acked.
+pub async fn read_range(
+    stream: &stream::Stream,
+    filters: &[String],
+    after: u64,
+    through: u64,
+    limit: usize,
+) -> Result<Vec<Incoming>, NatsError> {
+    let all = [">".to_owned()];
+    let filters = if filters.is_empty() {
+        &all[..]
+    } else {
+        filters
+    };
+    let direct = stream.cached_info().config.allow_direct;
+    let mut out = Vec::new();
+    let mut cursor = after + 1;
+    while cursor <= through && out.len() < limit {
+        let mut next: Option<StreamMessage> = None;
+        for filter in filters {
+            let found = if direct {
+                match stream
+                    .direct_get_builder()
+                    .sequence(cursor)
+                    .next_by_subject(filter.clone())
+                    .send()
+                    .await
+                {
+                    Ok(m) => Some(m),
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => None,
+                    Err(e) => return Err(api("read the unacked range", e)),
+                }
+            } else {
+                match stream
+                    .raw_message_builder()
+                    .sequence(cursor)
+                    .next_by_subject(filter.clone())
+                    .send()
+                    .await
+                {
+                    Ok(m) => Some(m),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+                    Err(e) => return Err(api("read the unacked range", e)),
+                }
+            };
+            if let Some(m) = found {
+                if next.as_ref().is_none_or(|n| m.sequence < n.sequence) {
+                    next = Some(m);
+                }
+            }
+        }
+        match next {
+            Some(m) if m.sequence <= through => {
+                cursor = m.sequence + 1;
+                out.push(Incoming::stored(m));
+            }
+            _ => break,
         }
     }
+    Ok(out)
 }

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+
+use crate::consume::Incoming;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -121,6 +123,9 @@ impl Pipeline {
             let c = &self.spec.config;
             let mut source = Source::new(consumer, c.batch, c.batch_bytes, IDLE);
             loop {
+                if source.rebound() && !self.recover(source.consumer()).await? {
+                    break;
+                }
                 if self.last_sample.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
                     self.sample(source.consumer()).await;
                 }
@@ -399,23 +404,78 @@ impl Pipeline {
         self.metrics.lag_seconds.set(seconds);
     }
 
-    /// Processes fetched messages in order; messages on their last delivery go alone.
-    async fn process(&mut self, messages: Vec<jetstream::Message>) -> Result<(), PipelineError> {
-        let max_deliver = self.spec.config.max_deliver;
-        let is_last = |m: &jetstream::Message| {
-            max_deliver > 0
-                && m.info()
-                    .map(|i| i.delivered >= max_deliver)
-                    .unwrap_or(false)
+    /// Reads back, in stream order, the range the durable delivered to an earlier subscription
+    /// (a previous process, or a dropped pull) but that is not acked yet, and applies it before
+    /// anything newer. Without this, those messages would be redelivered only after `ack_wait`,
+    /// behind newer events of the same keys, and the sequence guard would drop them. Their
+    /// late redeliveries are then recognized as duplicates and acked. Returns false when
+    /// cancelled.
+    async fn recover(&mut self, consumer: &mut PullConsumer) -> Result<bool, PipelineError> {
+        let info = match consumer.info().await {
+            Ok(info) => info.clone(),
+            Err(err) => {
+                warn!(error = %err, "consumer info failed; recovery postponed");
+                return Ok(true);
+            }
         };
-        let mut segments: VecDeque<(Vec<jetstream::Message>, Mode)> = VecDeque::new();
+        let (floor, delivered) = (
+            info.ack_floor.stream_sequence,
+            info.delivered.stream_sequence,
+        );
+        if info.num_ack_pending == 0 || delivered <= floor {
+            return Ok(true);
+        }
+        info!(
+            after = floor,
+            through = delivered,
+            unacked = info.num_ack_pending,
+            "reading the unacked range back from the stream, in order, before pulling"
+        );
+        let stream = loop {
+            match consume::stream_of(&self.js, &self.spec.config.stream).await {
+                Ok(stream) => break stream,
+                Err(err) => {
+                    warn!(error = %err, "stream info failed during recovery");
+                    if !self.pause(Duration::from_secs(1)).await {
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+        let filters = self.spec.config.filter_subjects.clone();
+        let batch = self.spec.config.batch;
+        let mut cursor = floor;
+        while cursor < delivered {
+            let read = consume::read_range(&stream, &filters, cursor, delivered, batch).await;
+            let messages = match read {
+                Ok(messages) => messages,
+                Err(err) => {
+                    warn!(error = %err, "reading the unacked range failed; retrying");
+                    if !self.pause(Duration::from_secs(1)).await {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+            };
+            let Some(last) = messages.last().map(|m| m.seq) else {
+                break;
+            };
+            self.process(messages).await?;
+            if self.cancel.is_cancelled() {
+                return Ok(false);
+            }
+            cursor = last;
+        }
+        Ok(true)
+    }
+
+    /// Processes fetched messages in order; messages on their last delivery go alone.
+    async fn process(&mut self, messages: Vec<Incoming>) -> Result<(), PipelineError> {
+        let max_deliver = self.spec.config.max_deliver;
+        let is_last = |m: &Incoming| max_deliver > 0 && m.delivered >= max_deliver;
+        let mut segments: VecDeque<(Vec<Incoming>, Mode)> = VecDeque::new();
         let mut current = Vec::new();
         for message in messages {
-            // Without JetStream metadata a message can be neither ordered nor acked.
-            if let Err(err) = message.info() {
-                warn!(error = %err, subject = %message.subject, "message without JetStream metadata ignored");
-                continue;
-            }
             if is_last(&message) {
                 if !current.is_empty() {
                     segments.push_back((std::mem::take(&mut current), Mode::Normal));
@@ -446,15 +506,11 @@ impl Pipeline {
         Ok(())
     }
 
-    fn items(&self, messages: &[jetstream::Message]) -> (Vec<Item>, Option<Position>) {
+    fn items(&self, messages: &[Incoming]) -> (Vec<Item>, Option<Position>) {
         let mut items = Vec::with_capacity(messages.len());
-        let mut newest: Option<(u64, u64, &jetstream::Message)> = None;
+        let mut newest: Option<(u64, u64, &Incoming)> = None;
         for m in messages {
-            let Ok(info) = m.info() else {
-                continue;
-            };
-            let seq = info.stream_sequence;
-            let publish_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let (seq, publish_ms) = (m.seq, m.publish_ms);
             let view = MessageView {
                 seq,
                 subject: m.subject.as_str(),
@@ -483,7 +539,7 @@ impl Pipeline {
     /// Applies one segment end to end. Returns the messages back when the reducer panicked.
     async fn process_segment(
         &mut self,
-        messages: Vec<jetstream::Message>,
+        messages: Vec<Incoming>,
         mode: Mode,
     ) -> Result<Segment, PipelineError> {
         let started = Instant::now();
@@ -493,11 +549,8 @@ impl Pipeline {
             first_seq = tracing::field::Empty,
             last_seq = tracing::field::Empty
         );
-        for m in &messages {
-            if m.info().is_ok_and(|i| i.delivered > 1) {
-                self.metrics.redeliveries.inc();
-            }
-        }
+        let redelivered = messages.iter().filter(|m| m.delivered > 1).count();
+        self.metrics.redeliveries.inc_by(redelivered as u64);
         let mut attempt = 0u32;
         let applied: Applied = loop {
             let (items, position) = self.items(&messages);
@@ -592,17 +645,7 @@ impl Pipeline {
         self.metrics
             .batch_duration
             .observe(started.elapsed().as_secs_f64());
-        if let Some((seq, ms)) = messages
-            .iter()
-            .filter_map(|m| m.info().ok())
-            .map(|i| {
-                (
-                    i.stream_sequence,
-                    (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
-                )
-            })
-            .max()
-        {
+        if let Some((seq, ms)) = messages.iter().map(|m| (m.seq, m.publish_ms)).max() {
             self.recent.push_back((seq, ms));
             if self.recent.len() > 4096 {
                 self.recent.pop_front();
@@ -611,10 +654,7 @@ impl Pipeline {
             let previous = self.status.get().last_applied_seq;
             let seq = seq.max(previous);
             self.metrics.last_applied.set(seq as i64);
-            let pending = messages
-                .last()
-                .and_then(|m| m.info().ok())
-                .map_or(0, |i| i.pending);
+            let pending = messages.last().map_or(0, |m| m.pending);
             self.metrics.lag_messages.set(pending as i64);
             self.set_lag_seconds(pending);
             self.status.update(|s| {
@@ -630,7 +670,7 @@ impl Pipeline {
 
     /// Keeps held messages alive and waits before the next attempt. Returns false when the
     /// pipeline was cancelled meanwhile (the messages are then NAKed for a prompt redelivery).
-    async fn hold(&self, messages: &[jetstream::Message], reason: String, attempt: u32) -> bool {
+    async fn hold(&self, messages: &[Incoming], reason: String, attempt: u32) -> bool {
         self.status.update(|s| s.failure = Some(reason));
         self.metrics.retried.inc_by(messages.len() as u64);
         self.metrics.ready.set(0);
@@ -644,7 +684,7 @@ impl Pipeline {
         }
     }
 
-    async fn write_kv(&mut self, messages: &[jetstream::Message], writes: Vec<KvWrite>) -> bool {
+    async fn write_kv(&mut self, messages: &[Incoming], writes: Vec<KvWrite>) -> bool {
         let Some(kv) = &self.kv else {
             return true;
         };
@@ -673,11 +713,10 @@ impl Pipeline {
         true
     }
 
-    fn letter(&self, m: &jetstream::Message, poison: Poison) -> DeadLetter {
-        let info = m.info().ok();
+    fn letter(&self, m: &Incoming, poison: Poison) -> DeadLetter {
         DeadLetter {
-            seq: info.as_ref().map_or(0, |i| i.stream_sequence),
-            deliveries: info.as_ref().map_or(0, |i| i.delivered.max(0) as u64),
+            seq: m.seq,
+            deliveries: m.delivered.max(0) as u64,
             subject: m.subject.to_string(),
             headers: m.headers.clone(),
             payload: m.payload.clone(),
@@ -685,11 +724,7 @@ impl Pipeline {
         }
     }
 
-    async fn publish_dead_letter(
-        &mut self,
-        letter: &DeadLetter,
-        held: &[jetstream::Message],
-    ) -> bool {
+    async fn publish_dead_letter(&mut self, letter: &DeadLetter, held: &[Incoming]) -> bool {
         let mut attempt = 0;
         loop {
             match letter.publish(&self.js, &self.spec).await {
@@ -723,7 +758,7 @@ impl Pipeline {
     /// Dead-letters every message of a segment (last delivery, reducer panic) and acks them.
     async fn dead_letter_all(
         &mut self,
-        messages: &[jetstream::Message],
+        messages: &[Incoming],
         poison: Poison,
     ) -> Result<(), PipelineError> {
         for m in messages {
@@ -739,7 +774,7 @@ impl Pipeline {
 
 enum Segment {
     Done,
-    Panicked(Vec<jetstream::Message>),
+    Panicked(Vec<Incoming>),
 }
 
 /// How a segment of a batch is processed.

@@ -478,3 +478,133 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     Some((status, body))
 }
+
+/// Watches a KV bucket and records any key whose `last_applied_stream_seq` goes backwards.
+pub struct MonotonicWatch {
+    task: tokio::task::JoinHandle<()>,
+    state: std::sync::Arc<std::sync::Mutex<(u64, Vec<String>)>>,
+}
+
+impl MonotonicWatch {
+    /// Starts watching `bucket` (which must exist) from its first revision.
+    pub async fn start(js: &jetstream::Context, bucket: &str) -> MonotonicWatch {
+        use futures::StreamExt;
+        let kv = js.get_key_value(bucket).await.expect("bucket");
+        let mut watch = kv.watch_all_from_revision(1).await.expect("watch");
+        let state = std::sync::Arc::new(std::sync::Mutex::new((0u64, Vec::new())));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            let mut last: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+            while let Some(Ok(entry)) = watch.next().await {
+                let seq = serde_json::from_slice::<serde_json::Value>(&entry.value)
+                    .ok()
+                    .and_then(|v| v["last_applied_stream_seq"].as_u64())
+                    .unwrap_or(0);
+                let mut s = shared.lock().unwrap();
+                s.0 += 1;
+                if let Some(previous) = last.get(&entry.key) {
+                    if seq < *previous {
+                        s.1.push(format!("{}: {} after {}", entry.key, seq, previous));
+                    }
+                }
+                last.insert(entry.key.clone(), seq);
+            }
+        });
+        MonotonicWatch { task, state }
+    }
+
+    /// Stops and returns (entries seen, regressions).
+    pub async fn finish(self) -> (u64, Vec<String>) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.task.abort();
+        let s = self.state.lock().unwrap();
+        (s.0, s.1.clone())
+    }
+}
+
+/// Creates the KV bucket a projection will use (so a watcher can start first).
+pub async fn create_bucket(js: &jetstream::Context, bucket: &str) {
+    js.create_key_value(jetstream::kv::Config {
+        bucket: bucket.into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create bucket");
+}
+
+/// The binary running `run`, as a child process.
+pub struct Child2 {
+    /// The child.
+    pub child: std::process::Child,
+}
+
+impl Child2 {
+    /// Spawns `run --config` with extra environment variables; logs go to `log`.
+    pub fn run(config: &Path, env: &[(&str, &str)], log: &Path) -> Child2 {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        let mut command = Command::new(binary());
+        command
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Child2 {
+            child: command.spawn().expect("spawn the projector"),
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to end by itself (e.g. an injected crash).
+    pub fn wait(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("the projector did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
