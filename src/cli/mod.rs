@@ -111,7 +111,12 @@ pub fn main() -> ExitCode {
 /// Runs the command line with `reducers` for projections with `reducer = "custom"`.
 pub fn main_with(reducers: Reducers) -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.log_level.as_deref());
+    // `run` reports its life at info; one-shot commands print results, and only problems.
+    let default_level = match cli.command {
+        Command::Run(_) => "info,async_nats=warn",
+        _ => "warn,async_nats=error",
+    };
+    init_logging(cli.log_format, cli.log_level.as_deref(), default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -128,11 +133,11 @@ pub fn main_with(reducers: Reducers) -> ExitCode {
     exit.into()
 }
 
-fn init_logging(format: LogFormat, level: Option<&str>) {
+fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -94,6 +94,7 @@ pub async fn connect(config: &NatsConfig, url: &str) -> Result<async_nats::Clien
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
                 other => tracing::warn!(event = %other, "NATS connection event"),
             }
         })

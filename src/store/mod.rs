@@ -163,6 +163,7 @@ impl From<redb::DatabaseError> for StoreError {
 
 /// One item of a batch, in stream order.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // Items are moved once into the transaction, never copied.
 pub enum Item {
     /// A decoded, keyed event.
     Event(Prepared),
@@ -812,8 +813,11 @@ fn fold_housekeeping(
             checkpoint.acked_floor_ms = checkpoint.acked_floor_ms.max(floor_ms);
             // Every message that can still be delivered was published at or after
             // acked_floor_ms, so markers older than that minus the window never match again.
-            if window_ms > 0 {
-                let horizon = checkpoint.acked_floor_ms.saturating_sub(window_ms) / window_ms;
+            if let Some(horizon) = checkpoint
+                .acked_floor_ms
+                .saturating_sub(window_ms)
+                .checked_div(window_ms)
+            {
                 let expired = matches!(dedupe.first()?, Some((k, _)) if k.value().0 < horizon);
                 if expired {
                     dedupe.retain_in::<(u64, &str), _>(..(horizon, ""), |_, _| false)?;
