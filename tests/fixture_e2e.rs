@@ -43,6 +43,22 @@ async fn fixture_projects_to_the_oracle_and_replay_changes_nothing() {
     let (code, out, _) = run_cli(&["verify", "--config", config.to_str().unwrap(), "orders"]);
     assert_eq!(code, 0, "verify through the running process: {out}");
     assert!(out.contains("200 matching"), "{out}");
+    let (code, out, err) = run_cli(&["status", "--config", config.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status[0]["projection"], "orders");
+    assert_eq!(status[0]["last_applied_stream_seq"], 5000);
+    assert_eq!(status[0]["kv_outbox"], 0);
+    assert_eq!(status[0]["ready"], true, "{out}");
+    let (code, out, _) = run_cli(&[
+        "get",
+        "--config",
+        config.to_str().unwrap(),
+        "orders",
+        "ord-001",
+    ]);
+    assert_eq!(code, 0, "get through the running process");
+    assert!(out.contains("\"last_applied_stream_seq\":4770"), "{out}");
     assert_eq!(projector.stop().await, nats_projector::runtime::Exit::Ok);
 
     let store_path = dir.path().join("store.redb");

@@ -267,3 +267,33 @@ pub fn is_cas_conflict(err: &jetstream::context::PublishError) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetstream::context::PublishError;
+
+    fn server_error(code: u64) -> PublishError {
+        let err: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": code, "description": "wrong last sequence: 7"
+        }))
+        .expect("a JetStream API error");
+        PublishError::with_source(PublishErrorKind::Other, err)
+    }
+
+    #[test]
+    fn both_cas_error_codes_are_conflicts_and_nothing_else_is() {
+        assert!(is_cas_conflict(&PublishError::new(
+            PublishErrorKind::WrongLastSequence
+        )));
+        assert!(is_cas_conflict(&server_error(10071)));
+        assert!(is_cas_conflict(&server_error(10164)));
+        assert!(!is_cas_conflict(&server_error(10077)));
+        assert!(!is_cas_conflict(&PublishError::new(
+            PublishErrorKind::TimedOut
+        )));
+        assert!(!is_cas_conflict(&PublishError::new(
+            PublishErrorKind::Other
+        )));
+    }
+}

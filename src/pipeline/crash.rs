@@ -1,4 +1,4 @@
-//! Crash points for the fault-injection tests.
+//! Crash points and injected store failures for the fault-injection tests.
 //!
 //! With the `fault-injection` feature, `NATS_PROJECTOR_CRASH_AT=POINT:N` aborts the process
 //! (no unwinding, no flush: like `kill -9`) the N-th time the pipeline reaches POINT. Without
@@ -28,6 +28,26 @@ pub fn point(name: &str) {
         eprintln!("fault injection: aborting at {name} (hit {nth})");
         std::process::abort();
     }
+}
+
+/// Whether the store should fail this write (`NATS_PROJECTOR_FAIL_STORE=N` fails the first N
+/// batch commits with an I/O error, `always` fails them all).
+#[cfg(feature = "fault-injection")]
+pub fn store_failure() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    match std::env::var("NATS_PROJECTOR_FAIL_STORE").ok().as_deref() {
+        Some("always") => true,
+        Some(n) => CALLS.fetch_add(1, Ordering::SeqCst) < n.parse().unwrap_or(0),
+        None => false,
+    }
+}
+
+/// Whether the store should fail this write (disabled in this build).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn store_failure() -> bool {
+    false
 }
 
 /// Aborts here if the environment asks for it (disabled in this build).

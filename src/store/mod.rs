@@ -460,6 +460,11 @@ impl Store {
         house: &Housekeeping,
         position: Option<&Position>,
     ) -> Result<Applied, StoreError> {
+        if crate::pipeline::crash::store_failure() {
+            return Err(StoreError::Io(std::io::Error::other(
+                "injected store failure",
+            )));
+        }
         let db = self.db()?;
         let tables = Tables::new(&spec.namespace);
         let with_kv = spec.config.kv_bucket.is_some();

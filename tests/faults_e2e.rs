@@ -1,0 +1,169 @@
+//! Infrastructure faults with the real binary (needs the `fault-injection` feature):
+//! a store that fails for a while holds the batch, says why in `/readyz` and the metrics, and
+//! recovers with nothing lost; a store that keeps failing on a message's last delivery
+//! dead-letters it with `store_unavailable`; SIGTERM in the middle of a backlog drains and
+//! exits 0.
+#![cfg(feature = "fault-injection")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_holds_the_batch_then_recovers() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    let (events, expected) = fixture();
+    publish_all(&js, events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 64\nbackoff = [\"300ms\"]");
+    let config = write_config(&server, dir.path(), port, &projection);
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[("NATS_PROJECTOR_FAIL_STORE", "4")], &log);
+
+    let mut saw_reason = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !saw_reason {
+        if let Some((503, body)) = http_get(port, "/readyz").await {
+            saw_reason = body.contains("store unavailable");
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        saw_reason,
+        "/readyz should say the store is unavailable while it fails"
+    );
+    wait_drained(
+        &js,
+        "ORDERS",
+        "projector__orders_v1",
+        Duration::from_secs(60),
+    )
+    .await;
+    let retried = metric(port, "projector_events_total", &[("outcome", "retried")]).await;
+    assert!(
+        retried.unwrap_or(0.0) >= 4.0,
+        "retries are counted: {retried:?}"
+    );
+    assert_eq!(
+        metric(
+            port,
+            "projector_events_total",
+            &[("outcome", "dead_lettered")]
+        )
+        .await,
+        Some(0.0)
+    );
+    assert_eq!(http_get(port, "/readyz").await.map(|r| r.0), Some(200));
+    assert_eq!(projector.terminate(), Some(0));
+    assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_on_the_last_delivery_dead_letters_the_event() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "EV", &["ev.>"]).await;
+    let messages = (0..3)
+        .map(|i| {
+            (
+                "ev.x".to_owned(),
+                cloudevent(&format!("e{i}"), "t", json!({"k": i})),
+            )
+        })
+        .collect();
+    publish_all(&js, messages).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(
+        &server,
+        dir.path(),
+        port,
+        "[[projection]]\nname = \"p\"\nstream = \"EV\"\nkey = \"{data.k}\"\nreducer = \"latest\"\nkv_bucket = \"p\"\nmax_deliver = 1\nbackoff = [\"100ms\"]\n",
+    );
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[("NATS_PROJECTOR_FAIL_STORE", "always")], &log);
+    wait_drained(&js, "EV", "projector__p_v1", Duration::from_secs(30)).await;
+    let labels = [("error_code", "store_unavailable")];
+    assert_eq!(
+        metric(port, "projector_dead_letters_total", &labels).await,
+        Some(3.0)
+    );
+    assert_eq!(projector.terminate(), Some(0));
+    let dlq = js
+        .get_stream("PROJECTOR_DLQ")
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap();
+    assert_eq!(dlq.state.messages, 3, "each event is in the DLQ once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    let (events, expected) = fixture();
+    publish_all(&js, events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 16");
+    let config = write_config(&server, dir.path(), 0, &projection);
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[], &log);
+    // Stop once it is busy, well before the backlog is drained.
+    eventually(
+        Duration::from_secs(20),
+        "the projector to start applying",
+        || async {
+            let Ok(stream) = js.get_stream("ORDERS").await else {
+                return false;
+            };
+            stream
+                .consumer_info("projector__orders_v1")
+                .await
+                .is_ok_and(|i| i.ack_floor.stream_sequence > 100)
+        },
+    )
+    .await;
+    let started = Instant::now();
+    assert_eq!(
+        projector.terminate(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "drained in {:?}",
+        started.elapsed()
+    );
+    let info = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .consumer_info("projector__orders_v1")
+        .await
+        .unwrap();
+    assert!(info.num_pending > 0, "stopped mid-backlog");
+    // Everything acked is in KV: KV equals the store, with nothing left in the outbox.
+    let (code, out, _) = run_cli(&["verify", "--config", config.to_str().unwrap(), "orders"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(" 0 pending"), "{out}");
+    let projector = Child2::run(&config, &[], &log);
+    wait_drained(
+        &js,
+        "ORDERS",
+        "projector__orders_v1",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(projector.terminate(), Some(0));
+    assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
+}
