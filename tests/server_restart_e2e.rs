@@ -1,0 +1,76 @@
+//! A lost server: nats-server is killed in the middle of a backlog and restarted (same port,
+//! same store). The projector says why it is not ready meanwhile, recovers by itself, and the
+//! read model converges to the oracle with nothing lost.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_survives_a_server_restart_mid_backlog() {
+    let mut server = NatsServer::start();
+    let (events, expected) = fixture();
+    {
+        let (_client, js) = server.jetstream().await;
+        create_stream(&js, "ORDERS", &["orders.>"]).await;
+        publish_all(&js, events).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let projection = FIXTURE_PROJECTION.replace(
+        "batch = 64",
+        "batch = 16\nack_wait = \"3s\"\nbackoff = [\"200ms\", \"1s\"]",
+    );
+    let config = write_config(&server, dir.path(), port, &projection);
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[], &log);
+    {
+        let (_client, js) = server.jetstream().await;
+        eventually(
+            Duration::from_secs(20),
+            "the projector to be busy",
+            || async {
+                let Ok(stream) = js.get_stream("ORDERS").await else {
+                    return false;
+                };
+                stream
+                    .consumer_info("projector__orders_v1")
+                    .await
+                    .is_ok_and(|i| i.ack_floor.stream_sequence > 300)
+            },
+        )
+        .await;
+    }
+    server.kill();
+    eventually(
+        Duration::from_secs(20),
+        "/readyz to report the outage",
+        || async { matches!(http_get(port, "/readyz").await, Some((503, _))) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.restart();
+    let (_client, js) = server.jetstream().await;
+    wait_drained(
+        &js,
+        "ORDERS",
+        "projector__orders_v1",
+        Duration::from_secs(120),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "/readyz to be 200 again",
+        || async { matches!(http_get(port, "/readyz").await, Some((200, _))) },
+    )
+    .await;
+    assert_eq!(
+        projector.terminate(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
+}
