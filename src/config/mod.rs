@@ -266,6 +266,9 @@ pub struct ProjectionConfig {
     /// Payloads nesting deeper than this are dead-lettered as `too_deep`. Default: 64.
     #[serde(default = "defaults::max_depth")]
     pub max_depth: usize,
+    /// How often consumer and stream info are sampled (lag, readiness, continuity). Default: 2s.
+    #[serde(default = "defaults::lag_sample_interval", with = "duration")]
+    pub lag_sample_interval: Duration,
     /// `[projection.envelope]`: the envelope format. Default: CloudEvents.
     #[serde(default)]
     pub envelope: EnvelopeConfig,
@@ -333,6 +336,9 @@ mod defaults {
     }
     pub fn max_depth() -> usize {
         64
+    }
+    pub fn lag_sample_interval() -> Duration {
+        Duration::from_secs(2)
     }
 }
 

@@ -248,6 +248,9 @@ fn check_projection(p: &ProjectionConfig) -> Vec<(String, String)> {
     if p.max_event_bytes == 0 {
         add("max_event_bytes", "must be at least 1".into());
     }
+    if p.lag_sample_interval < std::time::Duration::from_millis(100) {
+        add("lag_sample_interval", "must be at least 100ms".into());
+    }
     if !(1..=128).contains(&p.max_depth) {
         add("max_depth", "must be between 1 and 128".into());
     }

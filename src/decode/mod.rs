@@ -265,6 +265,26 @@ fn optional_text(envelope: &Map<String, Value>, field: &str) -> Result<Option<St
     }
 }
 
+/// The correlation id of a message: the `X-Correlation-Id` header, else the trace id of a W3C
+/// `traceparent` header, else the envelope's correlation id.
+pub fn correlation_id(
+    headers: Option<&async_nats::HeaderMap>,
+    event: Option<&Event>,
+) -> Option<String> {
+    if let Some(h) = headers {
+        if let Some(v) = h.get("X-Correlation-Id") {
+            return Some(v.as_str().to_owned());
+        }
+        if let Some(trace_id) = h
+            .get("traceparent")
+            .and_then(|v| v.as_str().split('-').nth(1).map(str::to_owned))
+        {
+            return Some(trace_id);
+        }
+    }
+    event.and_then(|e| e.correlation_id.clone())
+}
+
 /// The deepest nesting of JSON arrays and objects in `bytes`, ignoring brackets inside strings.
 /// Runs on raw bytes, so it is safe on any input, JSON or not.
 pub fn nesting_depth(bytes: &[u8]) -> usize {
@@ -390,6 +410,31 @@ mod tests {
             code(&decoder, &serde_json::to_vec(&missing).unwrap()),
             ErrorCode::InvalidEnvelope
         );
+    }
+
+    #[test]
+    fn correlation_ids_prefer_the_header_then_traceparent_then_the_envelope() {
+        let mut event = Event::for_tests("e", "t", Value::Null);
+        event.correlation_id = Some("from-envelope".into());
+        assert_eq!(
+            correlation_id(None, Some(&event)).as_deref(),
+            Some("from-envelope")
+        );
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        assert_eq!(
+            correlation_id(Some(&h), Some(&event)).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        h.insert("X-Correlation-Id", "c-1");
+        assert_eq!(
+            correlation_id(Some(&h), Some(&event)).as_deref(),
+            Some("c-1")
+        );
+        assert_eq!(correlation_id(None, None), None);
     }
 
     #[test]

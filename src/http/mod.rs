@@ -79,6 +79,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .metrics
         .store_bytes
         .set(state.store.file_size() as i64);
+    let draining = state.draining.load(Ordering::SeqCst);
+    for p in state.projections.iter() {
+        let c = &p.spec.config;
+        let ready = !draining && p.status.get().readiness(state.ready_max_lag).is_ok();
+        state
+            .metrics
+            .set_ready(&c.name, &c.stream, &p.spec.durable, ready);
+    }
     (
         [(
             header::CONTENT_TYPE,

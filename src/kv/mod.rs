@@ -190,6 +190,8 @@ impl KvWriter {
             };
             match acked {
                 Ok(ack) => {
+                    tracing::debug!(kv_key = %write.key, revision = ack.sequence,
+                        stream_seq = write.seq, result = "ok", "KV write");
                     self.remember(&write.key, ack.sequence);
                     let confirmed = KvConfirmed {
                         key: write.key.clone(),
@@ -207,6 +209,8 @@ impl KvWriter {
                                 .map(|v| v.last_applied_stream_seq)
                                 .unwrap_or(0);
                             if held >= write.seq {
+                                tracing::debug!(kv_key = %write.key, revision = entry.revision,
+                                    stream_seq = write.seq, held, result = "superseded", "KV write");
                                 self.remember(&write.key, entry.revision);
                                 let confirmed = KvConfirmed {
                                     key: write.key.clone(),

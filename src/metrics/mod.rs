@@ -264,6 +264,14 @@ impl Metrics {
         }
     }
 
+    /// Sets the `ready` gauge of a projection (at scrape time, from the same status `/readyz`
+    /// reads, so the two always agree).
+    pub fn set_ready(&self, projection: &str, stream: &str, consumer: &str, ready: bool) {
+        self.ready
+            .with_label_values(&[projection, stream, consumer])
+            .set(i64::from(ready));
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -11,6 +11,7 @@
 //! processed alone, and dead-lettered if it still cannot be applied.
 
 pub mod crash;
+pub mod gap;
 mod status;
 
 pub use status::{Status, StatusCell};
@@ -38,8 +39,6 @@ use crate::store::{
 
 /// How long a fetch waits before the pipeline does idle work (samples, housekeeping).
 const IDLE: Duration = Duration::from_secs(1);
-/// How often consumer and stream info are sampled while busy.
-const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// KV writes awaiting their acks at once.
 const KV_IN_FLIGHT: usize = 256;
 
@@ -50,6 +49,10 @@ pub enum PipelineError {
     /// A condition that needs an operator (corruption, gap): the process exits 3.
     #[error("failed closed: {0}")]
     FailClosed(String),
+    /// A replay gap: this projection stops applying and acking; the process keeps serving
+    /// `/readyz` (503) and metrics, and exits 3 when stopped.
+    #[error(transparent)]
+    Gap(#[from] gap::Gap),
     /// Anything else that cannot be retried: the process exits 1.
     #[error("{0}")]
     Fatal(String),
@@ -72,6 +75,8 @@ pub struct Pipeline {
     last_applied_ms: u64,
     idle_rounds: u32,
     ready_max_lag: u64,
+    stream: Option<async_nats::jetstream::stream::Stream>,
+    checkpoint: crate::store::Checkpoint,
 }
 
 impl Pipeline {
@@ -100,6 +105,8 @@ impl Pipeline {
             last_applied_ms: 0,
             idle_rounds: 0,
             ready_max_lag,
+            stream: None,
+            checkpoint: crate::store::Checkpoint::default(),
         }
     }
 
@@ -121,13 +128,15 @@ impl Pipeline {
             });
             info!("projection bound and running");
             let c = &self.spec.config;
-            let mut source = Source::new(consumer, c.batch, c.batch_bytes, IDLE);
+            let idle = IDLE.min(c.lag_sample_interval);
+            let mut source = Source::new(consumer, c.batch, c.batch_bytes, idle);
             loop {
                 if source.rebound() && !self.recover(source.consumer()).await? {
                     break;
                 }
-                if self.last_sample.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
-                    self.sample(source.consumer()).await;
+                let every = self.spec.config.lag_sample_interval;
+                if self.last_sample.is_none_or(|t| t.elapsed() >= every) {
+                    self.sample(source.consumer()).await?;
                 }
                 match source.next_batch(&self.cancel).await {
                     Ok(Fetched::Shutdown) => break,
@@ -193,7 +202,8 @@ impl Pipeline {
         loop {
             match self.try_bind().await {
                 Ok(consumer) => return Ok(Some(consumer)),
-                Err(err) => {
+                Err(BindError::Gap(gap)) => return Err(PipelineError::Gap(gap)),
+                Err(BindError::Nats(err)) => {
                     warn!(error = %err, "cannot bind the projection yet; retrying");
                     self.status.update(|s| s.failure = Some(err.to_string()));
                     if !self.pause(self.backoff(attempt)).await {
@@ -205,9 +215,10 @@ impl Pipeline {
         }
     }
 
-    async fn try_bind(&mut self) -> Result<PullConsumer, consume::NatsError> {
+    async fn try_bind(&mut self) -> Result<PullConsumer, BindError> {
         let stream = consume::stream_of(&self.js, &self.spec.config.stream).await?;
         self.stream_created_ns = stream.cached_info().created.unix_timestamp_nanos();
+        self.stream = Some(stream.clone());
         if let Some(kv) = consume::ensure_kv(&self.js, &self.spec).await? {
             let bucket = self.spec.config.kv_bucket.clone().unwrap_or_default();
             self.kv = Some(KvWriter::new(self.js.clone(), kv, &bucket, KV_IN_FLIGHT));
@@ -216,21 +227,37 @@ impl Pipeline {
         let checkpoint = self
             .store_call(|store, spec| store.checkpoint(&spec.namespace))
             .await;
-        let start_after = match checkpoint {
-            Ok(c) => c.map_or(0, |c| {
-                self.last_applied_ms = c.last_publish_ms;
-                self.metrics.last_applied.set(c.last_seq as i64);
-                self.status.update(|s| s.last_applied_seq = c.last_seq);
-                c.acked_floor
-            }),
+        let checkpoint = match checkpoint {
+            Ok(c) => c.unwrap_or_default(),
             Err(err) => {
-                return Err(consume::NatsError::Api {
+                return Err(BindError::Nats(consume::NatsError::Api {
                     what: "read the checkpoint".into(),
                     reason: err,
-                });
+                }));
             }
         };
-        consume::bind_consumer(&stream, &self.spec, start_after).await
+        self.last_applied_ms = checkpoint.last_publish_ms;
+        self.metrics.last_applied.set(checkpoint.last_seq as i64);
+        self.status
+            .update(|s| s.last_applied_seq = checkpoint.last_seq);
+        // Continuity first: never bind (let alone apply) on top of a gap.
+        let ack_floor = stream
+            .consumer_info(&self.spec.durable)
+            .await
+            .ok()
+            .map(|i| i.ack_floor.stream_sequence);
+        let info = stream.cached_info();
+        let observed = gap::Observed {
+            created_ns: self.stream_created_ns,
+            first_seq: info.state.first_sequence,
+            last_seq: info.state.last_sequence,
+            ack_floor,
+            unfiltered: self.spec.config.filter_subjects.is_empty(),
+        };
+        gap::check(&checkpoint, &observed)?;
+        gap::check_message(&stream, &checkpoint).await?;
+        self.checkpoint = checkpoint.clone();
+        Ok(consume::bind_consumer(&stream, &self.spec, checkpoint.acked_floor).await?)
     }
 
     /// Runs a store call on the blocking pool (redb commits fsync: never on the async workers).
@@ -340,14 +367,15 @@ impl Pipeline {
         }
     }
 
-    /// Samples consumer and stream info: lag, readiness, and the ack floor.
-    async fn sample(&mut self, consumer: &mut PullConsumer) {
+    /// Samples consumer and stream info: lag, readiness, the ack floor, and continuity (a
+    /// purge or a re-created stream while running is a gap too).
+    async fn sample(&mut self, consumer: &mut PullConsumer) -> Result<(), PipelineError> {
         self.last_sample = Some(Instant::now());
         let info = match consumer.info().await {
             Ok(info) => info.clone(),
             Err(err) => {
                 debug!(error = %err, "consumer info failed");
-                return;
+                return Ok(());
             }
         };
         let (pending, ack_pending) = (info.num_pending, info.num_ack_pending as u64);
@@ -363,20 +391,57 @@ impl Pipeline {
                 .map_or(0, |(_, ms)| *ms);
             self.house.ack_floor = Some((floor, floor_ms));
         }
-        let stream_last = match self.js.get_stream(&self.spec.config.stream).await {
-            Ok(mut stream) => stream
-                .info()
-                .await
-                .map(|i| i.state.last_sequence)
-                .unwrap_or(0),
-            Err(_) => 0,
+        let Some(mut stream) = self.stream.clone() else {
+            return Ok(());
         };
+        let state = match stream.info().await {
+            Ok(info) => info.state.clone(),
+            Err(err) => {
+                debug!(error = %err, "stream info failed");
+                return Ok(());
+            }
+        };
+        let last_applied = self.status.get().last_applied_seq;
+        let created = stream.cached_info().created.unix_timestamp_nanos();
+        let running = crate::store::Checkpoint {
+            stream: self.spec.config.stream.clone(),
+            stream_created_ns: self.stream_created_ns,
+            last_seq: last_applied,
+            ..self.checkpoint.clone()
+        };
+        gap::check(
+            &running,
+            &gap::Observed {
+                created_ns: created,
+                first_seq: state.first_sequence,
+                last_seq: state.last_sequence,
+                ack_floor: Some(floor),
+                unfiltered: self.spec.config.filter_subjects.is_empty(),
+            },
+        )?;
+        let stream_last = self
+            .filtered_last_sequence(&stream)
+            .await
+            .unwrap_or(state.last_sequence);
         let lag = pending + ack_pending;
         self.metrics.pending.set(pending as i64);
         self.metrics.ack_pending.set(ack_pending as i64);
         self.metrics.lag_messages.set(lag as i64);
         self.metrics.stream_last.set(stream_last as i64);
-        self.set_lag_seconds(lag);
+        if lag == 0 {
+            self.metrics.lag_seconds.set(0.0);
+        } else {
+            // The age of the oldest unapplied event: the next one after the last applied.
+            let filters = self.spec.config.filter_subjects.clone();
+            match consume::read_range(&stream, &filters, last_applied, u64::MAX, 1).await {
+                Ok(next) if !next.is_empty() => {
+                    self.metrics
+                        .lag_seconds
+                        .set(age_seconds(next[0].publish_ms));
+                }
+                _ => self.set_lag_seconds(lag),
+            }
+        }
         let status = {
             self.status.update(|s| {
                 s.pending = pending;
@@ -389,17 +454,39 @@ impl Pipeline {
         self.metrics
             .ready
             .set(i64::from(status.readiness(self.ready_max_lag).is_ok()));
+        Ok(())
     }
 
+    /// The last sequence of the projection's subjects, where the server can tell (a direct
+    /// get of the last message of each filter subject); `None` falls back to the stream's.
+    async fn filtered_last_sequence(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+    ) -> Option<u64> {
+        let filters = &self.spec.config.filter_subjects;
+        if filters.is_empty() || !stream.cached_info().config.allow_direct {
+            return None;
+        }
+        let mut last = 0;
+        for filter in filters {
+            match stream.direct_get_last_for_subject(filter.clone()).await {
+                Ok(message) => last = last.max(message.sequence),
+                Err(err)
+                    if err.kind()
+                        == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {}
+                Err(_) => return None,
+            }
+        }
+        Some(last)
+    }
+
+    /// Between samples: with events pending, the oldest unapplied one was published after the
+    /// last applied one, so its age is at most the last applied one's.
     fn set_lag_seconds(&self, lag: u64) {
         let seconds = if lag == 0 || self.last_applied_ms == 0 {
             0.0
         } else {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            now_ms.saturating_sub(self.last_applied_ms) as f64 / 1000.0
+            age_seconds(self.last_applied_ms)
         };
         self.metrics.lag_seconds.set(seconds);
     }
@@ -552,8 +639,12 @@ impl Pipeline {
         let redelivered = messages.iter().filter(|m| m.delivered > 1).count();
         self.metrics.redeliveries.inc_by(redelivered as u64);
         let mut attempt = 0u32;
+        let mut described: Option<Vec<EventLog>>;
         let applied: Applied = loop {
             let (items, position) = self.items(&messages);
+            // Per-event log fields, captured only when someone listens at debug level.
+            described =
+                tracing::enabled!(tracing::Level::DEBUG).then(|| describe(&items, &messages));
             if let (Some(first), Some(p)) = (items.first(), &position) {
                 span.record("first_seq", first.seq());
                 span.record("last_seq", p.seq);
@@ -612,6 +703,16 @@ impl Pipeline {
         self.house = Housekeeping::default();
         crash::point(crash::AFTER_COMMIT);
 
+        if let Some(described) = &described {
+            for ((m, outcome), log) in messages.iter().zip(&applied.outcomes).zip(described) {
+                debug!(parent: &span, stream_seq = m.seq, subject = %m.subject,
+                    event_type = log.event_type.as_deref().unwrap_or(""),
+                    kv_bucket = self.spec.config.kv_bucket.as_deref().unwrap_or(""),
+                    kv_key = log.key.as_deref().unwrap_or(""), outcome = outcome.as_str(),
+                    correlation_id = log.correlation_id.as_deref().unwrap_or(""),
+                    redelivered = m.delivered > 1, "event");
+            }
+        }
         let mut poisoned = Vec::new();
         for (m, outcome) in messages.iter().zip(&applied.outcomes) {
             match outcome {
@@ -729,8 +830,11 @@ impl Pipeline {
         loop {
             match letter.publish(&self.js, &self.spec).await {
                 Ok(()) => {
+                    let correlation_id =
+                        crate::decode::correlation_id(letter.headers.as_ref(), None);
                     warn!(stream_seq = letter.seq, subject = %letter.subject,
                         error_code = letter.poison.code.as_str(), outcome = "dead_lettered",
+                        correlation_id = correlation_id.as_deref().unwrap_or(""),
                         reason = %letter.poison.reason, "event dead-lettered");
                     self.metrics.dead_letter(letter.poison.code);
                     self.house.dead_published.push((
@@ -770,6 +874,51 @@ impl Pipeline {
         consume::ack_all(messages, AckKind::Ack).await;
         Ok(())
     }
+}
+
+/// What the per-event debug log says of an event, captured before the batch is applied.
+struct EventLog {
+    key: Option<String>,
+    event_type: Option<String>,
+    correlation_id: Option<String>,
+}
+
+fn describe(items: &[Item], messages: &[Incoming]) -> Vec<EventLog> {
+    items
+        .iter()
+        .zip(messages)
+        .map(|(item, m)| {
+            let event = match item {
+                Item::Event(p) => Some(p),
+                Item::Poison { .. } => None,
+            };
+            EventLog {
+                key: event.map(|p| p.key.clone()),
+                event_type: event.map(|p| p.event.event_type.clone()),
+                correlation_id: crate::decode::correlation_id(
+                    m.headers.as_ref(),
+                    event.map(|p| &p.event),
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Why binding failed.
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    #[error(transparent)]
+    Nats(#[from] consume::NatsError),
+    #[error(transparent)]
+    Gap(#[from] gap::Gap),
+}
+
+fn age_seconds(publish_ms: u64) -> f64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now_ms.saturating_sub(publish_ms) as f64 / 1000.0
 }
 
 enum Segment {

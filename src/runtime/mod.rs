@@ -201,23 +201,30 @@ pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken
         let (failure, shutdown, status) =
             (failure.clone(), shutdown.clone(), handle.status.clone());
         pipelines.spawn(async move {
-            match pipeline.run().await {
-                Ok(()) => {}
-                Err(err) => {
-                    let exit = match err {
-                        PipelineError::FailClosed(_) => Exit::FailClosed,
-                        PipelineError::Fatal(_) => Exit::Failure,
-                    };
-                    error!(projection = %spec.name(), error = %err, "projection stopped");
-                    m.ready.set(0);
-                    if exit == Exit::FailClosed {
-                        m.gaps.inc();
-                    }
-                    status.update(|s| s.gap = Some(err.to_string()));
-                    if let Ok(mut slot) = failure.lock() {
-                        slot.get_or_insert(exit);
-                    }
+            let Err(err) = pipeline.run().await else {
+                return;
+            };
+            m.ready.set(0);
+            status.update(|s| s.gap = Some(err.to_string()));
+            let exit = match &err {
+                // Fail closed: this projection stops applying and acking; the process keeps
+                // serving /readyz (503, with the reason) and the metrics until stopped.
+                PipelineError::Gap(_) | PipelineError::FailClosed(_) => {
+                    m.gaps.inc();
+                    error!(projection = %spec.name(), error = %err,
+                        "{}", crate::pipeline::gap::repair_hint(spec.name()));
+                    Exit::FailClosed
+                }
+                PipelineError::Fatal(_) => {
+                    error!(projection = %spec.name(), error = %err, "projection stopped; stopping the process");
                     shutdown.cancel();
+                    Exit::Failure
+                }
+            };
+            if let Ok(mut slot) = failure.lock() {
+                // A fatal error outranks a gap.
+                if slot.is_none_or(|e| e == Exit::FailClosed) {
+                    *slot = Some(exit);
                 }
             }
         });

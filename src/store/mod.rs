@@ -177,6 +177,18 @@ pub enum Item {
     },
 }
 
+impl Outcome {
+    /// The `outcome` spelling of logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate | Outcome::AlreadyDead => "duplicate",
+            Outcome::StaleEpoch => "stale_epoch",
+            Outcome::Poison(_) => "dead_lettered",
+        }
+    }
+}
+
 impl Item {
     /// The stream sequence of the item.
     pub fn seq(&self) -> u64 {

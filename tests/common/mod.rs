@@ -608,3 +608,40 @@ impl Drop for Child2 {
         let _ = self.child.wait();
     }
 }
+
+/// A Prometheus tool (`prometheus`, `promtool`): `$PROMETHEUS_BIN`/`$PROMTOOL_BIN`, then PATH.
+/// `scripts/test` installs Debian's prometheus package when they are missing.
+pub fn prometheus_tool(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase());
+    if let Ok(bin) = std::env::var(&var) {
+        return PathBuf::from(bin);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "{name} not found: set {var} or run scripts/test (it installs Debian's prometheus package)"
+    );
+}
+
+/// Every PromQL expression of the dashboard, with `$projection` bound to `projection`.
+pub fn dashboard_queries(projection: &str) -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana/dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("json");
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                let title = panel["title"].as_str().unwrap_or("?").to_owned();
+                out.push((title, expr.replace("$projection", projection)));
+            }
+        }
+    }
+    out
+}
