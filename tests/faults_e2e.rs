@@ -113,7 +113,7 @@ async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
     let (events, expected) = fixture();
     publish_all(&js, events).await;
     let dir = tempfile::tempdir().unwrap();
-    let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 16");
+    let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 16\nack_wait = \"3s\"");
     let config = write_config(&server, dir.path(), 0, &projection);
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
