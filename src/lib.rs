@@ -19,7 +19,9 @@ pub mod kv;
 pub mod metrics;
 pub mod pipeline;
 pub mod reduce;
+pub mod restore;
 pub mod runtime;
+pub mod snapshot;
 pub mod spec;
 pub mod store;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, ConfigArg, admin};
+use super::{Command, ConfigArg, SnapshotCommand, admin};
 use crate::config::Config;
 use crate::pipeline::Status;
 use crate::runtime::{self, Exit, Reducers};
@@ -27,6 +27,7 @@ pub(super) async fn dispatch(command: Command, reducers: Reducers) -> Exit {
             projection,
             json,
         } => verify(&config, &reducers, &projection, json).await,
+        Command::Snapshot(command) => snapshot(command, &reducers).await,
         Command::PublishJsonl { url, stream, file } => publish_jsonl(&url, stream, &file).await,
         Command::KvDump { config, projection } => kv_dump(&config, &reducers, &projection).await,
     }
@@ -551,4 +552,248 @@ async fn kv_dump(arg: &ConfigArg, reducers: &Reducers, projection: &str) -> Exit
             Exit::Failure
         }
     }
+}
+
+async fn snapshot(command: SnapshotCommand, reducers: &Reducers) -> Exit {
+    match command {
+        SnapshotCommand::Create {
+            config,
+            projection,
+            out,
+            object_store,
+        } => snapshot_create(&config, reducers, &projection, out, object_store).await,
+        SnapshotCommand::Verify { path } => match crate::snapshot::read_file(&path) {
+            Ok(snapshot) => {
+                let h = &snapshot.header;
+                println!(
+                    "{}: valid snapshot of {} v{} at stream sequence {} of {} ({} records, {} dedupe markers, {} dead letters), sha256 {}",
+                    path.display(),
+                    h.projection,
+                    h.version,
+                    h.seq,
+                    h.stream,
+                    h.records,
+                    h.markers,
+                    h.dead_letters,
+                    snapshot.sha256
+                );
+                Exit::Ok
+            }
+            Err(err @ crate::snapshot::SnapshotError::Damaged(_)) => {
+                eprintln!("{}: {err}", path.display());
+                Exit::FailClosed
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                Exit::Failure
+            }
+        },
+        SnapshotCommand::Restore {
+            config,
+            path,
+            object_store,
+        } => snapshot_restore(&config, reducers, &path, object_store).await,
+    }
+}
+
+fn print_created(created: &crate::snapshot::Created) {
+    let h = &created.header;
+    println!("{}", created.path.display());
+    if let Some(object) = &created.object {
+        println!("object {object}");
+    }
+    println!(
+        "{} v{} at stream sequence {}: {} records, sha256 {}",
+        h.projection, h.version, h.seq, h.records, created.sha256
+    );
+}
+
+async fn snapshot_create(
+    arg: &ConfigArg,
+    reducers: &Reducers,
+    projection: &str,
+    out: Option<std::path::PathBuf>,
+    object_store: Option<String>,
+) -> Exit {
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let spec = match spec_named(&specs, projection) {
+        Ok(spec) => spec.clone(),
+        Err(exit) => return exit,
+    };
+    let mut created = match access(&config) {
+        Err(exit) => return exit,
+        Ok(Access::Missing) => {
+            eprintln!("no store at {}", config.store.path.display());
+            return Exit::Failure;
+        }
+        Ok(Access::Running(addr)) => {
+            let mut path = format!("/admin/snapshot?projection={}", admin::encode(projection));
+            if let Some(out) = &out {
+                let absolute = std::path::absolute(out).unwrap_or_else(|_| out.clone());
+                path.push_str(&format!(
+                    "&out={}",
+                    admin::encode(&absolute.to_string_lossy())
+                ));
+            }
+            if let Some(bucket) = &object_store {
+                path.push_str(&format!("&object_store={}", admin::encode(bucket)));
+            }
+            match admin::get(&addr, &path).await {
+                Ok(r) if r.status == 200 => match serde_json::from_slice(&r.body) {
+                    Ok(created) => {
+                        print_created(&created);
+                        return Exit::Ok;
+                    }
+                    Err(err) => {
+                        eprintln!("unexpected answer from the running projector: {err}");
+                        return Exit::Failure;
+                    }
+                },
+                Ok(r) => {
+                    eprintln!(
+                        "the running projector answered {}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body).trim()
+                    );
+                    return Exit::Failure;
+                }
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            }
+        }
+        Ok(Access::Direct(store)) => {
+            match crate::snapshot::create(&store, &spec, out.as_deref(), &config.snapshot_dir()) {
+                Ok(created) => created,
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            }
+        }
+    };
+    if let Some(bucket) = &object_store {
+        let js = match connect_js(&config).await {
+            Ok(js) => js,
+            Err(exit) => return exit,
+        };
+        match crate::snapshot::upload(&js, bucket, &created.path).await {
+            Ok(name) => created.object = Some(format!("{bucket}/{name}")),
+            Err(err) => {
+                eprintln!("{err}");
+                return Exit::Failure;
+            }
+        }
+    }
+    print_created(&created);
+    Exit::Ok
+}
+
+async fn connect_js(config: &Config) -> Result<async_nats::jetstream::Context, Exit> {
+    match crate::consume::connect(&config.nats, config.nats_url()).await {
+        Ok(client) => Ok(async_nats::jetstream::new(client)),
+        Err(err) => {
+            eprintln!("{err}");
+            Err(Exit::Failure)
+        }
+    }
+}
+
+async fn snapshot_restore(
+    arg: &ConfigArg,
+    reducers: &Reducers,
+    path: &Path,
+    object_store: Option<String>,
+) -> Exit {
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let js = match connect_js(&config).await {
+        Ok(js) => js,
+        Err(exit) => return exit,
+    };
+    let bytes = match &object_store {
+        Some(bucket) => crate::snapshot::download(&js, bucket, &path.to_string_lossy()).await,
+        None => std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())),
+    };
+    let bytes = match bytes {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            eprintln!("{err}");
+            return Exit::Failure;
+        }
+    };
+    let snapshot = match crate::snapshot::decode(&bytes) {
+        Ok(snapshot) => snapshot,
+        Err(err) => {
+            eprintln!("{}: {err}; nothing was restored", path.display());
+            return Exit::FailClosed;
+        }
+    };
+    let h = snapshot.header.clone();
+    let Some(spec) = specs
+        .iter()
+        .find(|s| s.config.name == h.projection && s.config.version == h.version)
+    else {
+        eprintln!(
+            "the snapshot is of projection {} v{}, which this configuration does not run",
+            h.projection, h.version
+        );
+        return Exit::Usage;
+    };
+    let store = match access(&config) {
+        Err(exit) => return exit,
+        Ok(Access::Running(_)) => {
+            eprintln!(
+                "a running nats-projector holds the store: stop it, restore, then start it again"
+            );
+            return Exit::Failure;
+        }
+        Ok(Access::Direct(store)) => store,
+        Ok(Access::Missing) => match runtime::open_store(&config) {
+            Ok(store) => store,
+            Err((exit, message)) => {
+                eprintln!("{message}");
+                return exit;
+            }
+        },
+    };
+    let mut stream = match crate::consume::stream_of(&js, &spec.config.stream).await {
+        Ok(stream) => stream,
+        Err(err) => {
+            eprintln!("{err}; nothing was restored");
+            return Exit::FailClosed;
+        }
+    };
+    if let Err(err) = crate::restore::continues(&mut stream, &snapshot.contents.checkpoint).await {
+        eprintln!(
+            "refusing to restore: the stream no longer continues the snapshot at sequence {} ({err}); nothing was restored",
+            h.seq
+        );
+        return Exit::FailClosed;
+    }
+    if let Err(err) = store.import(&spec.namespace, &snapshot.contents, true) {
+        let (exit, message) = runtime::store_exit(&err);
+        eprintln!("{message}");
+        return exit;
+    }
+    if let Err(err) = crate::restore::reset_durable(&stream, spec, h.seq).await {
+        eprintln!("the store was restored but the consumer could not be reset: {err}");
+        return Exit::Failure;
+    }
+    println!(
+        "restored {} v{}: {} records at stream sequence {}; the consumer {} resumes at {}",
+        h.projection,
+        h.version,
+        h.records,
+        h.seq,
+        spec.durable,
+        h.seq + 1
+    );
+    Exit::Ok
 }

@@ -80,6 +80,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Snapshots: create, verify, restore.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Development helper: publish a JSONL file of `{"subject", "event"}` lines to NATS.
     #[command(hide = true)]
     PublishJsonl {
@@ -103,6 +106,44 @@ pub enum Command {
     },
 }
 
+/// `snapshot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Write a snapshot of PROJECTION at its current applied sequence; print the path (or
+    /// object name), the sequence and the checksum.
+    Create {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The projection.
+        projection: String,
+        /// The file to write (default: `[snapshots] dir`, named after the projection and
+        /// sequence).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also upload it to this JetStream Object Store bucket.
+        #[arg(long)]
+        object_store: Option<String>,
+    },
+    /// Check a snapshot's header and checksum: exit 0 valid, 3 damaged or tampered.
+    Verify {
+        /// The snapshot file.
+        path: PathBuf,
+    },
+    /// Verify a snapshot, load it into the local store and resume the consumer at its sequence
+    /// + 1; exit 3 when the stream no longer continues it. Run it while `run` is stopped.
+    Restore {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The snapshot file (or, with `--object-store`, the object name).
+        path: PathBuf,
+        /// Read the snapshot from this JetStream Object Store bucket.
+        #[arg(long)]
+        object_store: Option<String>,
+    },
+}
+
 /// Runs the command line with the built-in reducers only.
 pub fn main() -> ExitCode {
     main_with(Reducers::new())
@@ -117,6 +158,21 @@ pub fn main_with(reducers: Reducers) -> ExitCode {
         _ => "warn,async_nats=error",
     };
     init_logging(cli.log_format, cli.log_level.as_deref(), default_level);
+    // One log line instead of the default report: the store turns a storage-engine panic on a
+    // damaged file into a clean error, and anything else still says where it happened.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%location, "internal failure: {message}");
+    }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -29,8 +29,36 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[http]`: the metrics, health and admin listener.
     pub http: HttpConfig,
+    /// `[snapshots]`: automatic snapshots, and where restores look for them.
+    pub snapshots: SnapshotConfig,
     /// `[[projection]]`: the projections this process runs.
     pub projection: Vec<ProjectionConfig>,
+}
+
+/// `[snapshots]`: automatic snapshots, and where a lost store is restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Directory of snapshot files. Default: `snapshots` beside the store file.
+    pub dir: Option<PathBuf>,
+    /// Snapshot every projection this often while running; `"0s"` (the default) disables.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Automatic snapshots kept per projection (older ones are deleted). Default: 3.
+    pub keep: usize,
+    /// Also upload automatic snapshots to this JetStream Object Store bucket.
+    pub object_store: Option<String>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            dir: None,
+            interval: Duration::ZERO,
+            keep: 3,
+            object_store: None,
+        }
+    }
 }
 
 /// `[nats]`: connection settings.
@@ -385,6 +413,7 @@ impl Config {
                 "nats" => section(&name, value, &mut problems, &mut config.nats),
                 "store" => section(&name, value, &mut problems, &mut config.store),
                 "http" => section(&name, value, &mut problems, &mut config.http),
+                "snapshots" => section(&name, value, &mut problems, &mut config.snapshots),
                 "projection" => match value {
                     toml::Value::Array(items) => {
                         for (i, item) in items.into_iter().enumerate() {
@@ -403,7 +432,7 @@ impl Config {
                 },
                 other => problems.push(Problem::new(
                     other,
-                    "unknown key (expected nats, store, http or projection)",
+                    "unknown key (expected nats, store, http, snapshots or projection)",
                 )),
             }
         }
@@ -423,6 +452,17 @@ impl Config {
     /// The NATS URL(s) to connect to.
     pub fn nats_url(&self) -> &str {
         self.nats.url.as_deref().unwrap_or(DEFAULT_NATS_URL)
+    }
+
+    /// The snapshot directory.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.snapshots.dir.clone().unwrap_or_else(|| {
+            self.store
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("snapshots")
+        })
     }
 
     /// The projection named `name`.

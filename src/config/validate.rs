@@ -109,6 +109,29 @@ pub(super) fn validate(config: &Config, base: &Path) -> Vec<Problem> {
             ),
         );
     }
+    if config.snapshots.keep == 0 {
+        add("snapshots.keep".into(), "must be at least 1".into());
+    }
+    if !config.snapshots.interval.is_zero()
+        && config.snapshots.interval < std::time::Duration::from_secs(1)
+    {
+        add(
+            "snapshots.interval".into(),
+            "must be \"0s\" (off) or at least 1s".into(),
+        );
+    }
+    if let Some(bucket) = &config.snapshots.object_store {
+        if bucket.is_empty()
+            || !bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            add(
+                "snapshots.object_store".into(),
+                format!("{bucket:?} must match [a-zA-Z0-9_-]+"),
+            );
+        }
+    }
     if config.projection.is_empty() {
         add(
             "projection".into(),

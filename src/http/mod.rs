@@ -43,6 +43,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// The NATS connection, for admin routes that read KV.
     pub js: Option<async_nats::jetstream::Context>,
+    /// Where snapshots go by default.
+    pub snapshot_dir: std::path::PathBuf,
 }
 
 impl AppState {
@@ -60,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/status", get(status))
         .route("/admin/get", get(get_record))
         .route("/admin/verify", get(verify))
+        .route("/admin/snapshot", get(snapshot))
         .with_state(state)
 }
 
@@ -178,4 +181,48 @@ async fn verify(State(state): State<AppState>, Query(q): Query<ProjectionQuery>)
         Ok(report) => Json(report).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct SnapshotQuery {
+    projection: String,
+    out: Option<String>,
+    object_store: Option<String>,
+}
+
+async fn snapshot(State(state): State<AppState>, Query(q): Query<SnapshotQuery>) -> Response {
+    let Some(p) = state.projection(&q.projection) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no projection {:?}\n", q.projection),
+        )
+            .into_response();
+    };
+    let (store, spec, dir) = (
+        state.store.clone(),
+        p.spec.clone(),
+        state.snapshot_dir.clone(),
+    );
+    let out = q.out.map(std::path::PathBuf::from);
+    let made = tokio::task::spawn_blocking(move || {
+        crate::snapshot::create(&store, &spec, out.as_deref(), &dir)
+    })
+    .await;
+    let mut created = match made {
+        Ok(Ok(created)) => created,
+        Ok(Err(err)) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response();
+        }
+        Err(err) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    };
+    if let Some(bucket) = q.object_store {
+        let Some(js) = &state.js else {
+            return (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response();
+        };
+        match crate::snapshot::upload(js, &bucket, &created.path).await {
+            Ok(name) => created.object = Some(format!("{bucket}/{name}")),
+            Err(err) => return (StatusCode::BAD_GATEWAY, format!("{err}\n")).into_response(),
+        }
+    }
+    Json(created).into_response()
 }

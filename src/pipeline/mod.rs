@@ -58,6 +58,21 @@ pub enum PipelineError {
     Fatal(String),
 }
 
+/// Process-wide settings a pipeline follows.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `/readyz` lag threshold (for the `ready` gauge).
+    pub ready_max_lag: u64,
+    /// Where snapshots live (automatic ones, and those a lost store is restored from).
+    pub snapshot_dir: std::path::PathBuf,
+    /// Automatic snapshot interval (zero: off).
+    pub snapshot_interval: Duration,
+    /// Automatic snapshots kept per projection.
+    pub snapshot_keep: usize,
+    /// Object Store bucket automatic snapshots are also uploaded to.
+    pub snapshot_object_store: Option<String>,
+}
+
 /// Everything one projection's loop needs.
 pub struct Pipeline {
     spec: Arc<Spec>,
@@ -75,6 +90,8 @@ pub struct Pipeline {
     last_applied_ms: u64,
     idle_rounds: u32,
     ready_max_lag: u64,
+    options: Options,
+    last_snapshot: Instant,
     stream: Option<async_nats::jetstream::stream::Stream>,
     checkpoint: crate::store::Checkpoint,
 }
@@ -88,7 +105,7 @@ impl Pipeline {
         metrics: ProjectionMetrics,
         status: Arc<StatusCell>,
         cancel: CancellationToken,
-        ready_max_lag: u64,
+        options: Options,
     ) -> Pipeline {
         Pipeline {
             spec,
@@ -104,7 +121,9 @@ impl Pipeline {
             last_sample: None,
             last_applied_ms: 0,
             idle_rounds: 0,
-            ready_max_lag,
+            ready_max_lag: options.ready_max_lag,
+            options,
+            last_snapshot: Instant::now(),
             stream: None,
             checkpoint: crate::store::Checkpoint::default(),
         }
@@ -137,6 +156,11 @@ impl Pipeline {
                 let every = self.spec.config.lag_sample_interval;
                 if self.last_sample.is_none_or(|t| t.elapsed() >= every) {
                     self.sample(source.consumer()).await?;
+                }
+                let interval = self.options.snapshot_interval;
+                if !interval.is_zero() && self.last_snapshot.elapsed() >= interval {
+                    self.last_snapshot = Instant::now();
+                    self.auto_snapshot().await;
                 }
                 match source.next_batch(&self.cancel).await {
                     Ok(Fetched::Shutdown) => break,
@@ -236,16 +260,30 @@ impl Pipeline {
                 }));
             }
         };
+        let mut stream = stream;
+        let mut ack_floor = stream
+            .consumer_info(&self.spec.durable)
+            .await
+            .ok()
+            .map(|i| i.ack_floor.stream_sequence);
+        // A durable that acked messages this store has no trace of: the store was lost.
+        let checkpoint = match ack_floor.filter(|f| *f > 0 && checkpoint.last_seq == 0) {
+            Some(floor) => {
+                let restored = self.restore_lost_store(&mut stream, floor).await?;
+                ack_floor = stream
+                    .consumer_info(&self.spec.durable)
+                    .await
+                    .ok()
+                    .map(|i| i.ack_floor.stream_sequence);
+                restored
+            }
+            None => checkpoint,
+        };
         self.last_applied_ms = checkpoint.last_publish_ms;
         self.metrics.last_applied.set(checkpoint.last_seq as i64);
         self.status
             .update(|s| s.last_applied_seq = checkpoint.last_seq);
         // Continuity first: never bind (let alone apply) on top of a gap.
-        let ack_floor = stream
-            .consumer_info(&self.spec.durable)
-            .await
-            .ok()
-            .map(|i| i.ack_floor.stream_sequence);
         let info = stream.cached_info();
         let observed = gap::Observed {
             created_ns: self.stream_created_ns,
@@ -258,6 +296,121 @@ impl Pipeline {
         gap::check_message(&stream, &checkpoint).await?;
         self.checkpoint = checkpoint.clone();
         Ok(consume::bind_consumer(&stream, &self.spec, checkpoint.acked_floor).await?)
+    }
+
+    /// Rebuilds a lost store before binding: from KV when the projection has a bucket (every
+    /// acked effect is there), else from the newest snapshot the stream still continues, else by
+    /// replaying a complete stream from its first sequence; otherwise the projection fails
+    /// closed.
+    async fn restore_lost_store(
+        &mut self,
+        stream: &mut async_nats::jetstream::stream::Stream,
+        floor: u64,
+    ) -> Result<crate::store::Checkpoint, BindError> {
+        warn!(
+            ack_floor = floor,
+            "the store has no checkpoint for this projection but its \
+            durable acked messages: the store was lost; restoring it"
+        );
+        let failed = |e: crate::restore::RestoreError| match e {
+            crate::restore::RestoreError::Gap(gap) => BindError::Gap(gap),
+            other => BindError::Nats(consume::NatsError::Api {
+                what: "restore the lost store".into(),
+                reason: other.to_string(),
+            }),
+        };
+        let imported = |reason: String| {
+            BindError::Nats(consume::NatsError::Api {
+                what: "import the restored content".into(),
+                reason,
+            })
+        };
+        if self.spec.config.kv_bucket.is_some() {
+            let contents = crate::restore::from_kv(&self.js, stream, &self.spec, floor)
+                .await
+                .map_err(failed)?;
+            let (keys, markers) = (contents.records.len(), contents.markers.len());
+            let checkpoint = contents.checkpoint.clone();
+            self.store_call(move |store, spec| store.import(&spec.namespace, &contents, false))
+                .await
+                .map_err(imported)?;
+            info!(
+                keys,
+                markers,
+                at = floor,
+                "store restored from the KV bucket"
+            );
+            return Ok(checkpoint);
+        }
+        let (name, version) = (self.spec.config.name.clone(), self.spec.config.version);
+        for path in crate::snapshot::list(&self.options.snapshot_dir, &name, version) {
+            let snapshot = match crate::snapshot::read_file(&path) {
+                Ok(snapshot) => snapshot,
+                Err(err) => {
+                    warn!(path = %path.display(), error = %err, "snapshot unusable");
+                    continue;
+                }
+            };
+            let checkpoint = snapshot.contents.checkpoint.clone();
+            if let Err(err) = crate::restore::continues(stream, &checkpoint).await {
+                warn!(path = %path.display(), error = %err,
+                    "the stream no longer continues this snapshot");
+                continue;
+            }
+            let contents = snapshot.contents;
+            self.store_call(move |store, spec| store.import(&spec.namespace, &contents, true))
+                .await
+                .map_err(imported)?;
+            crate::restore::reset_durable(stream, &self.spec, checkpoint.last_seq)
+                .await
+                .map_err(failed)?;
+            info!(path = %path.display(), at = checkpoint.last_seq, "store restored from a snapshot");
+            return Ok(checkpoint);
+        }
+        let first = stream.cached_info().state.first_sequence;
+        if first <= 1 {
+            crate::restore::reset_durable(stream, &self.spec, 0)
+                .await
+                .map_err(failed)?;
+            info!("store rebuilt by replaying the stream from its first sequence");
+            return Ok(crate::store::Checkpoint::default());
+        }
+        Err(BindError::Gap(gap::Gap {
+            kind: gap::GapKind::Removed,
+            detail: format!(
+                "the store was lost (the durable acked up to {floor}) and cannot be rebuilt: no \
+                 kv_bucket, no snapshot in {} that the stream continues, and the stream now \
+                 starts at {first}",
+                self.options.snapshot_dir.display()
+            ),
+        }))
+    }
+
+    /// Takes an automatic snapshot (and uploads it when configured); failures are logged.
+    async fn auto_snapshot(&mut self) {
+        let dir = self.options.snapshot_dir.clone();
+        let keep = self.options.snapshot_keep;
+        let (store, spec) = (self.store.clone(), self.spec.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            let created = crate::snapshot::create(&store, &spec, None, &dir)?;
+            crate::snapshot::prune(&dir, &spec.config.name, spec.config.version, keep);
+            Ok::<_, String>(created)
+        })
+        .await;
+        match made {
+            Ok(Ok(created)) => {
+                info!(path = %created.path.display(), seq = created.header.seq,
+                    records = created.header.records, "automatic snapshot");
+                if let Some(bucket) = &self.options.snapshot_object_store {
+                    if let Err(err) = crate::snapshot::upload(&self.js, bucket, &created.path).await
+                    {
+                        warn!(error = %err, "snapshot upload failed");
+                    }
+                }
+            }
+            Ok(Err(err)) => warn!(error = %err, "automatic snapshot failed"),
+            Err(err) => warn!(error = %err, "automatic snapshot failed"),
+        }
     }
 
     /// Runs a store call on the blocking pool (redb commits fsync: never on the async workers).
@@ -576,15 +729,7 @@ impl Pipeline {
             segments.push_back((current, Mode::Normal));
         }
         while let Some((segment, mode)) = segments.pop_front() {
-            match self.process_segment(segment, mode).await? {
-                Segment::Done => {}
-                // A reducer panicked: isolate the culprit by processing one message at a time.
-                Segment::Panicked(messages) => {
-                    for m in messages.into_iter().rev() {
-                        segments.push_front((vec![m], Mode::Isolated));
-                    }
-                }
-            }
+            self.process_segment(segment, mode).await?;
             if self.cancel.is_cancelled() {
                 // Messages not yet processed are left unacked: redelivered to the next run.
                 break;
@@ -623,12 +768,12 @@ impl Pipeline {
         (items, position)
     }
 
-    /// Applies one segment end to end. Returns the messages back when the reducer panicked.
+    /// Applies one segment end to end.
     async fn process_segment(
         &mut self,
         messages: Vec<Incoming>,
         mode: Mode,
-    ) -> Result<Segment, PipelineError> {
+    ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let span = info_span!(
             "batch",
@@ -657,17 +802,12 @@ impl Pipeline {
             .await;
             match result {
                 Ok(Ok(applied)) => break applied,
-                Err(join) if join.is_panic() => {
-                    if mode == Mode::Normal && messages.len() > 1 {
-                        warn!(parent: &span, "the reducer panicked; isolating the event");
-                        return Ok(Segment::Panicked(messages));
-                    }
-                    let poison = Poison::new(ErrorCode::ReducerError, "the reducer panicked");
-                    self.dead_letter_all(&messages, poison).await?;
-                    return Ok(Segment::Done);
-                }
+                // Store calls catch panics (and reducer panics are refusals), so a failed
+                // task is an unexplained fault in the store path: fail closed.
                 Err(join) => {
-                    return Err(PipelineError::Fatal(format!("store task failed: {join}")));
+                    return Err(PipelineError::FailClosed(format!(
+                        "the store task failed: {join}"
+                    )));
                 }
                 Ok(Err(err)) => match err.kind() {
                     StoreErrorKind::Corrupted => {
@@ -684,12 +824,12 @@ impl Pipeline {
                                 format!("the store failed on the last delivery: {err}"),
                             );
                             self.dead_letter_all(&messages, poison).await?;
-                            return Ok(Segment::Done);
+                            return Ok(());
                         }
                         let reason = format!("store unavailable: {err}");
                         error!(parent: &span, error = %err, attempt, "store write failed; holding the batch and retrying");
                         if !self.hold(&messages, reason, attempt).await {
-                            return Ok(Segment::Done);
+                            return Ok(());
                         }
                         if let Err(reopen) = self.store.reopen() {
                             warn!(error = %reopen, "store reopen failed");
@@ -725,7 +865,7 @@ impl Pipeline {
 
         // KV first: every key this batch changed, compare-and-set from the committed state.
         if !self.write_kv(&messages, applied.kv_writes).await {
-            return Ok(Segment::Done);
+            return Ok(());
         }
         crash::point(crash::AFTER_KV);
 
@@ -733,7 +873,7 @@ impl Pipeline {
         for (m, poison) in poisoned {
             let letter = self.letter(m, poison);
             if !self.publish_dead_letter(&letter, &messages).await {
-                return Ok(Segment::Done);
+                return Ok(());
             }
         }
 
@@ -766,7 +906,7 @@ impl Pipeline {
             });
         }
         debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch done");
-        Ok(Segment::Done)
+        Ok(())
     }
 
     /// Keeps held messages alive and waits before the next attempt. Returns false when the
@@ -921,18 +1061,11 @@ fn age_seconds(publish_ms: u64) -> f64 {
     now_ms.saturating_sub(publish_ms) as f64 / 1000.0
 }
 
-enum Segment {
-    Done,
-    Panicked(Vec<Incoming>),
-}
-
 /// How a segment of a batch is processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// Normally: outages are held and retried.
     Normal,
-    /// One message alone after a reducer panic: a panic dead-letters it.
-    Isolated,
     /// One message on its last delivery: any failure dead-letters it.
     LastDelivery,
 }

@@ -166,6 +166,7 @@ pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken
         ready_max_lag: config.http.ready_max_lag,
         draining: draining.clone(),
         js: Some(js.clone()),
+        snapshot_dir: config.snapshot_dir(),
     };
     if !config.http.listen.is_empty() {
         let listener = match tokio::net::TcpListener::bind(&config.http.listen).await {
@@ -196,7 +197,13 @@ pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken
             m.clone(),
             handle.status.clone(),
             shutdown.clone(),
-            config.http.ready_max_lag,
+            crate::pipeline::Options {
+                ready_max_lag: config.http.ready_max_lag,
+                snapshot_dir: config.snapshot_dir(),
+                snapshot_interval: config.snapshots.interval,
+                snapshot_keep: config.snapshots.keep,
+                snapshot_object_store: config.snapshots.object_store.clone(),
+            },
         );
         let (failure, shutdown, status) =
             (failure.clone(), shutdown.clone(), handle.status.clone());

@@ -380,7 +380,7 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 
 impl Store {
     /// Opens (or creates) the database at `path`.
-    pub fn open(path: &Path, cache_mib: usize) -> Result<Store, StoreError> {
+    fn open_unguarded(path: &Path, cache_mib: usize) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
         }
@@ -427,6 +427,10 @@ impl Store {
     /// Reopens the database after a failed commit (redb refuses further writes on a handle that
     /// saw an I/O error).
     pub fn reopen(&self) -> Result<(), StoreError> {
+        guard(|| self.reopen_unguarded())
+    }
+
+    fn reopen_unguarded(&self) -> Result<(), StoreError> {
         let mut guard = match self.db.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -465,7 +469,7 @@ impl Store {
     /// dedupe id applied within the window is a duplicate; an epoch below the key's is stale;
     /// otherwise the event is applied (or deleted by `delete_on`). Duplicates and stale events
     /// change nothing, not even the key's sequence or event id.
-    pub fn apply(
+    fn apply_unguarded(
         &self,
         spec: &Spec,
         items: Vec<Item>,
@@ -585,7 +589,17 @@ impl Store {
                 } else {
                     let state = if needs_state { w.take_state()? } else { None };
                     let backup = if infallible { None } else { state.clone() };
-                    match spec.reducer.apply(state, &p.event) {
+                    // A panicking reducer refuses the event, like an error does.
+                    let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        spec.reducer.apply(state, &p.event)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(crate::reduce::ReduceError(format!(
+                            "the reducer panicked: {}",
+                            panic_message(&panic)
+                        )))
+                    });
+                    match folded {
                         Ok(change) => Ok(change),
                         Err(err) => {
                             // The event is refused: put back the state it was given.
@@ -665,7 +679,7 @@ impl Store {
 
     /// Folds confirmations into the store on their own (when idle or at shutdown); returns the
     /// outbox size.
-    pub fn housekeep(&self, spec: &Spec, house: &Housekeeping) -> Result<u64, StoreError> {
+    fn housekeep_unguarded(&self, spec: &Spec, house: &Housekeeping) -> Result<u64, StoreError> {
         let db = self.db()?;
         let tables = Tables::new(&spec.namespace);
         let txn = db.begin_write()?;
@@ -702,7 +716,7 @@ impl Store {
     }
 
     /// The record of `key`.
-    pub fn record(&self, namespace: &str, key: &str) -> Result<Option<Record>, StoreError> {
+    fn record_unguarded(&self, namespace: &str, key: &str) -> Result<Option<Record>, StoreError> {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
@@ -718,7 +732,7 @@ impl Store {
     }
 
     /// Every record of a namespace, in key order.
-    pub fn records(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
+    fn records_unguarded(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
@@ -736,7 +750,7 @@ impl Store {
     }
 
     /// The keys whose KV copy is behind, with their records (for the startup flush).
-    pub fn outbox(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
+    fn outbox_unguarded(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
@@ -758,7 +772,7 @@ impl Store {
     }
 
     /// Number of keys in the outbox.
-    pub fn outbox_len(&self, namespace: &str) -> Result<u64, StoreError> {
+    fn outbox_len_unguarded(&self, namespace: &str) -> Result<u64, StoreError> {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
@@ -770,7 +784,7 @@ impl Store {
     }
 
     /// The checkpoint of a namespace.
-    pub fn checkpoint(&self, namespace: &str) -> Result<Option<Checkpoint>, StoreError> {
+    fn checkpoint_unguarded(&self, namespace: &str) -> Result<Option<Checkpoint>, StoreError> {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
@@ -781,7 +795,7 @@ impl Store {
     }
 
     /// The dead letters a namespace published, by stream sequence.
-    pub fn dead_letters(&self, namespace: &str) -> Result<Vec<(u64, DeadNote)>, StoreError> {
+    fn dead_letters_unguarded(&self, namespace: &str) -> Result<Vec<(u64, DeadNote)>, StoreError> {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
@@ -797,6 +811,99 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The public surface of the store: every call is guarded, so that a panic inside redb on a
+/// damaged file (it has panicked on flipped bytes) becomes [`StoreError::Corrupted`] instead
+/// of crashing the process.
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path, cache_mib: usize) -> Result<Store, StoreError> {
+        guard(|| Store::open_unguarded(path, cache_mib))
+    }
+
+    /// Applies one batch in one durable write transaction (see the rules on the inner
+    /// function): returns the outcomes, the KV writes, and the outbox size.
+    pub fn apply(
+        &self,
+        spec: &Spec,
+        items: Vec<Item>,
+        house: &Housekeeping,
+        position: Option<&Position>,
+    ) -> Result<Applied, StoreError> {
+        guard(|| self.apply_unguarded(spec, items, house, position))
+    }
+
+    /// Folds confirmations into the store on their own; returns the outbox size.
+    pub fn housekeep(&self, spec: &Spec, house: &Housekeeping) -> Result<u64, StoreError> {
+        guard(|| self.housekeep_unguarded(spec, house))
+    }
+
+    /// The record of `key`.
+    pub fn record(&self, namespace: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        guard(|| self.record_unguarded(namespace, key))
+    }
+
+    /// Every record of a namespace, in key order.
+    pub fn records(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
+        guard(|| self.records_unguarded(namespace))
+    }
+
+    /// The keys whose KV copy is behind, with their records.
+    pub fn outbox(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
+        guard(|| self.outbox_unguarded(namespace))
+    }
+
+    /// Number of keys in the outbox.
+    pub fn outbox_len(&self, namespace: &str) -> Result<u64, StoreError> {
+        guard(|| self.outbox_len_unguarded(namespace))
+    }
+
+    /// The checkpoint of a namespace.
+    pub fn checkpoint(&self, namespace: &str) -> Result<Option<Checkpoint>, StoreError> {
+        guard(|| self.checkpoint_unguarded(namespace))
+    }
+
+    /// The dead letters a namespace published, by stream sequence.
+    pub fn dead_letters(&self, namespace: &str) -> Result<Vec<(u64, DeadNote)>, StoreError> {
+        guard(|| self.dead_letters_unguarded(namespace))
+    }
+
+    /// Reads a whole namespace in one read transaction.
+    pub fn export(&self, namespace: &str) -> Result<Contents, StoreError> {
+        guard(|| self.export_unguarded(namespace))
+    }
+
+    /// Replaces a whole namespace in one write transaction (`to_kv`: every record goes to the
+    /// outbox).
+    pub fn import(
+        &self,
+        namespace: &str,
+        contents: &Contents,
+        to_kv: bool,
+    ) -> Result<(), StoreError> {
+        guard(|| self.import_unguarded(namespace, contents, to_kv))
+    }
+}
+
+/// Runs a store call, turning a panic of the storage engine into `Corrupted`.
+fn guard<T>(call: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(result) => result,
+        Err(panic) => Err(StoreError::Corrupted(format!(
+            "the storage engine failed on damaged data ({})",
+            panic_message(&panic)
+        ))),
+    }
+}
+
+/// The text of a caught panic.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 type OutboxTable<'t> = redb::Table<'t, &'static str, u64>;
@@ -843,6 +950,113 @@ fn fold_housekeeping(
         }
     }
     Ok(())
+}
+
+/// Everything a projection namespace holds, read in one transaction (a consistent cut at one
+/// stream sequence): what a snapshot carries and a restore loads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contents {
+    /// The checkpoint.
+    pub checkpoint: Checkpoint,
+    /// Every record, tombstones included, in key order.
+    pub records: Vec<(String, Record)>,
+    /// Dedupe markers: (bucket, dedupe id, stream seq, publish ms).
+    pub markers: Vec<(u64, String, u64, u64)>,
+    /// Published dead letters by stream sequence.
+    pub dead: Vec<(u64, DeadNote)>,
+}
+
+impl Store {
+    /// Reads a whole namespace in one read transaction.
+    fn export_unguarded(&self, namespace: &str) -> Result<Contents, StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_read()?;
+        let mut contents = Contents::default();
+        let meta = txn.open_table(META)?;
+        if let Some(v) = meta.get(tables.checkpoint_key.as_str())? {
+            contents.checkpoint = decode(v.value())?;
+        }
+        match txn.open_table(tables.records()) {
+            Ok(table) => {
+                for entry in table.iter()? {
+                    let (k, v) = entry?;
+                    contents
+                        .records
+                        .push((k.value().to_owned(), decode::<Record>(v.value())?));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
+        match txn.open_table(tables.dedupe()) {
+            Ok(table) => {
+                for entry in table.iter()? {
+                    let (k, v) = entry?;
+                    let ((bucket, id), (seq, ms)) = (k.value(), v.value());
+                    contents.markers.push((bucket, id.to_owned(), seq, ms));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
+        match txn.open_table(tables.dead()) {
+            Ok(table) => {
+                for entry in table.iter()? {
+                    let (k, v) = entry?;
+                    contents
+                        .dead
+                        .push((k.value(), decode::<DeadNote>(v.value())?));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
+        Ok(contents)
+    }
+
+    /// Replaces a whole namespace in one write transaction. With `to_kv`, every record is put
+    /// in the outbox, so KV receives the restored values (compare-and-set keeps anything newer
+    /// that KV already holds).
+    fn import_unguarded(
+        &self,
+        namespace: &str,
+        contents: &Contents,
+        to_kv: bool,
+    ) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let tables = Tables::new(namespace);
+        let txn = db.begin_write()?;
+        {
+            let mut records = txn.open_table(tables.records())?;
+            let mut dedupe = txn.open_table(tables.dedupe())?;
+            let mut outbox = txn.open_table(tables.outbox())?;
+            let mut dead = txn.open_table(tables.dead())?;
+            let mut meta = txn.open_table(META)?;
+            records.retain(|_, _| false)?;
+            dedupe.retain(|_, _| false)?;
+            outbox.retain(|_, _| false)?;
+            dead.retain(|_, _| false)?;
+            for (key, record) in &contents.records {
+                records.insert(key.as_str(), encode(record)?.as_slice())?;
+                if to_kv {
+                    outbox.insert(key.as_str(), record.seq)?;
+                }
+            }
+            for (bucket, id, seq, ms) in &contents.markers {
+                dedupe.insert((*bucket, id.as_str()), (*seq, *ms))?;
+            }
+            for (seq, note) in &contents.dead {
+                dead.insert(*seq, encode(note)?.as_slice())?;
+            }
+            meta.insert(
+                tables.checkpoint_key.as_str(),
+                encode(&contents.checkpoint)?.as_slice(),
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
 }
 
 fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
