@@ -19,6 +19,7 @@ pub mod kv;
 pub mod metrics;
 pub mod pipeline;
 pub mod reduce;
+pub mod replay;
 pub mod restore;
 pub mod runtime;
 pub mod snapshot;

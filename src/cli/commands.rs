@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, ConfigArg, SnapshotCommand, admin};
+use super::{Command, ConfigArg, DlqCommand, SnapshotCommand, admin};
 use crate::config::Config;
 use crate::pipeline::Status;
 use crate::runtime::{self, Exit, Reducers};
@@ -28,6 +28,42 @@ pub(super) async fn dispatch(command: Command, reducers: Reducers) -> Exit {
             json,
         } => verify(&config, &reducers, &projection, json).await,
         Command::Snapshot(command) => snapshot(command, &reducers).await,
+        Command::Replay {
+            config,
+            projection,
+            from_seq,
+            to_seq,
+            from_time,
+            to_time,
+            dry_run,
+        } => {
+            let times = (
+                from_time
+                    .as_deref()
+                    .map(crate::replay::parse_time)
+                    .transpose(),
+                to_time
+                    .as_deref()
+                    .map(crate::replay::parse_time)
+                    .transpose(),
+            );
+            let (Ok(from_ms), Ok(to_ms)) = times else {
+                eprintln!("--from-time/--to-time take RFC 3339 times like 2026-11-23T10:00:00Z");
+                return Exit::Usage;
+            };
+            if from_seq.is_none() && from_ms.is_none() {
+                eprintln!("replay needs --from-seq or --from-time");
+                return Exit::Usage;
+            }
+            let range = crate::replay::Range {
+                from_seq,
+                to_seq,
+                from_ms,
+                to_ms,
+            };
+            replay(&config, &reducers, &projection, range, dry_run).await
+        }
+        Command::Dlq(command) => dlq(command, &reducers).await,
         Command::PublishJsonl { url, stream, file } => publish_jsonl(&url, stream, &file).await,
         Command::KvDump { config, projection } => kv_dump(&config, &reducers, &projection).await,
     }
@@ -795,5 +831,209 @@ async fn snapshot_restore(
         spec.durable,
         h.seq + 1
     );
+    Exit::Ok
+}
+
+fn print_replay(report: &crate::replay::Report, done: bool) {
+    if !done {
+        println!(
+            "{} events in stream sequences {}..={}{}",
+            report.count,
+            report.from_seq,
+            report.to_seq,
+            if report.dry_run {
+                " (dry run: nothing written)"
+            } else {
+                "; replaying"
+            }
+        );
+    } else if !report.dry_run {
+        println!(
+            "replayed: {} applied, {} already in the read model, {} stale epoch, {} not applicable (dead letters)",
+            report.applied, report.duplicate, report.stale_epoch, report.poison
+        );
+    }
+}
+
+async fn replay(
+    arg: &ConfigArg,
+    reducers: &Reducers,
+    projection: &str,
+    range: crate::replay::Range,
+    dry_run: bool,
+) -> Exit {
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let spec = match spec_named(&specs, projection) {
+        Ok(spec) => spec.clone(),
+        Err(exit) => return exit,
+    };
+    let store = match access(&config) {
+        Err(exit) => return exit,
+        Ok(Access::Running(addr)) => {
+            // Ask the running process: a dry run first, so the count is out before any write.
+            let query = |dry: bool| {
+                let mut q = format!(
+                    "/admin/replay?projection={}&dry_run={dry}",
+                    admin::encode(projection)
+                );
+                for (name, value) in [
+                    ("from_seq", range.from_seq),
+                    ("to_seq", range.to_seq),
+                    ("from_ms", range.from_ms),
+                    ("to_ms", range.to_ms),
+                ] {
+                    if let Some(v) = value {
+                        q.push_str(&format!("&{name}={v}"));
+                    }
+                }
+                q
+            };
+            for dry in [true, false] {
+                if dry_run && !dry {
+                    break;
+                }
+                match admin::get(&addr, &query(dry)).await {
+                    Ok(r) if r.status == 200 => {
+                        match serde_json::from_slice::<crate::replay::Report>(&r.body) {
+                            Ok(report) => print_replay(&report, !dry),
+                            Err(err) => {
+                                eprintln!("unexpected answer from the running projector: {err}");
+                                return Exit::Failure;
+                            }
+                        }
+                    }
+                    Ok(r) => {
+                        eprintln!(
+                            "the running projector answered {}: {}",
+                            r.status,
+                            String::from_utf8_lossy(&r.body).trim()
+                        );
+                        return Exit::Failure;
+                    }
+                    Err(err) => {
+                        eprintln!("{err}");
+                        return Exit::Failure;
+                    }
+                }
+            }
+            return Exit::Ok;
+        }
+        Ok(Access::Direct(store)) => store,
+        Ok(Access::Missing) => match runtime::open_store(&config) {
+            Ok(store) => store,
+            Err((exit, message)) => {
+                eprintln!("{message}");
+                return exit;
+            }
+        },
+    };
+    let js = match connect_js(&config).await {
+        Ok(js) => js,
+        Err(exit) => return exit,
+    };
+    match crate::replay::run(&js, &store, &spec, &range, dry_run, |r| {
+        print_replay(r, false)
+    })
+    .await
+    {
+        Ok(report) => {
+            print_replay(&report, true);
+            Exit::Ok
+        }
+        Err(err) => {
+            eprintln!("replay failed: {err}");
+            Exit::Failure
+        }
+    }
+}
+
+async fn dlq(command: DlqCommand, reducers: &Reducers) -> Exit {
+    let (arg, only, seq, json, replaying) = match &command {
+        DlqCommand::List {
+            config,
+            projection,
+            json,
+        } => (config, projection.clone(), None, *json, false),
+        DlqCommand::Replay {
+            config,
+            projection,
+            seq,
+        } => (config, projection.clone(), *seq, false, true),
+    };
+    let (config, specs) = match load(arg, reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    if let Some(name) = &only {
+        if let Err(exit) = spec_named(&specs, name) {
+            return exit;
+        }
+    }
+    let js = match connect_js(&config).await {
+        Ok(js) => js,
+        Err(exit) => return exit,
+    };
+    let mut streams: Vec<&str> = specs
+        .iter()
+        .filter(|s| only.as_deref().is_none_or(|p| p == s.name()))
+        .map(|s| s.config.dlq_stream.as_str())
+        .collect();
+    streams.sort();
+    streams.dedup();
+    let mut letters = Vec::new();
+    for stream in streams {
+        match crate::dlq::list(&js, stream, only.as_deref()).await {
+            Ok(found) => letters.extend(found.into_iter().map(|(l, m)| (stream.to_owned(), l, m))),
+            Err(err) => {
+                eprintln!("{stream}: {err}");
+                return Exit::Failure;
+            }
+        }
+    }
+    letters.retain(|(_, l, _)| seq.is_none_or(|s| l.stream_seq == s));
+    if replaying {
+        if letters.is_empty() {
+            eprintln!("no dead letter matches");
+            return Exit::Failure;
+        }
+        for (stream, listed, message) in &letters {
+            match crate::dlq::republish(&js, stream, listed, message).await {
+                Ok(new_seq) => println!(
+                    "republished {} (was {} seq {}, dead letter {}) as {} seq {new_seq}",
+                    listed.subject, listed.stream, listed.stream_seq, listed.dlq_seq, listed.stream
+                ),
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            }
+        }
+        return Exit::Ok;
+    }
+    if json {
+        let listed: Vec<_> = letters.iter().map(|(_, l, _)| l).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&listed).unwrap_or_default()
+        );
+    } else if letters.is_empty() {
+        println!("no dead letters");
+    } else {
+        for (_, l, _) in &letters {
+            println!(
+                "{} seq {:>8}  {:<17} {}  ({}; dead letter {}, {} deliveries)",
+                l.projection,
+                l.stream_seq,
+                l.error_code,
+                l.subject,
+                l.reason,
+                l.dlq_seq,
+                l.deliveries
+            );
+        }
+    }
     Exit::Ok
 }

@@ -83,6 +83,32 @@ pub enum Command {
     /// Snapshots: create, verify, restore.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Bounded backfill of the read model from a range of the stream; prints the count first.
+    Replay {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The projection.
+        projection: String,
+        /// First stream sequence.
+        #[arg(long)]
+        from_seq: Option<u64>,
+        /// Last stream sequence.
+        #[arg(long)]
+        to_seq: Option<u64>,
+        /// Earliest publish time (RFC 3339, e.g. 2026-11-23T10:00:00Z).
+        #[arg(long)]
+        from_time: Option<String>,
+        /// Latest publish time (RFC 3339).
+        #[arg(long)]
+        to_time: Option<String>,
+        /// Print the count and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Dead letters: list, replay.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Development helper: publish a JSONL file of `{"subject", "event"}` lines to NATS.
     #[command(hide = true)]
     PublishJsonl {
@@ -103,6 +129,35 @@ pub enum Command {
         config: ConfigArg,
         /// The projection.
         projection: String,
+    },
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters: projection, stream sequence, error code, reason, subject.
+    List {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this projection's.
+        #[arg(long)]
+        projection: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to their original subjects (after a fix).
+    Replay {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this projection's.
+        #[arg(long)]
+        projection: Option<String>,
+        /// Only the dead letter of this source stream sequence.
+        #[arg(long)]
+        seq: Option<u64>,
     },
 }
 

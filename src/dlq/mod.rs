@@ -193,3 +193,110 @@ mod tests {
         );
     }
 }
+
+/// A dead letter as `dlq list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Listed {
+    /// Its sequence in the DLQ stream.
+    pub dlq_seq: u64,
+    /// The projection that refused it.
+    pub projection: String,
+    /// The source stream.
+    pub stream: String,
+    /// Its sequence in the source stream.
+    pub stream_seq: u64,
+    /// The fixed error code.
+    pub error_code: String,
+    /// The reason.
+    pub reason: String,
+    /// The original subject.
+    pub subject: String,
+    /// Deliveries when it was dead-lettered.
+    pub deliveries: u64,
+}
+
+/// Every dead letter in `dlq_stream` (of `projection`, when given), oldest first, with the
+/// message itself (for replays).
+pub async fn list(
+    js: &jetstream::Context,
+    dlq_stream: &str,
+    projection: Option<&str>,
+) -> Result<Vec<(Listed, crate::consume::Incoming)>, String> {
+    let stream = match crate::consume::stream_of(js, dlq_stream).await {
+        Ok(stream) => stream,
+        Err(crate::consume::NatsError::StreamNotFound(_)) => return Ok(Vec::new()),
+        Err(err) => return Err(err.to_string()),
+    };
+    let last = stream.cached_info().state.last_sequence;
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    while cursor < last {
+        let chunk = crate::consume::read_range(&stream, &[], cursor, last, 1024)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(end) = chunk.last().map(|m| m.seq) else {
+            break;
+        };
+        cursor = end;
+        for m in chunk {
+            let get = |name: &str| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            let listed = Listed {
+                dlq_seq: m.seq,
+                projection: get(headers::PROJECTION),
+                stream: get(headers::STREAM),
+                stream_seq: get(headers::STREAM_SEQ).parse().unwrap_or(0),
+                error_code: get(headers::ERROR),
+                reason: get(headers::REASON),
+                subject: get(headers::SUBJECT),
+                deliveries: get(headers::DELIVERIES).parse().unwrap_or(0),
+            };
+            if projection.is_none_or(|p| p == listed.projection) && !listed.subject.is_empty() {
+                out.push((listed, m));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Republishes a dead letter to its original subject, with its original headers (the
+/// `Projector-*` ones removed) and a `Nats-Msg-Id` derived from its DLQ sequence, so that
+/// replaying the same dead letter twice is deduplicated by the source stream.
+pub async fn republish(
+    js: &jetstream::Context,
+    dlq_stream: &str,
+    listed: &Listed,
+    message: &crate::consume::Incoming,
+) -> Result<u64, String> {
+    let mut out = HeaderMap::new();
+    if let Some(original) = &message.headers {
+        for (name, values) in original.iter() {
+            let name: &str = name.as_ref();
+            let lower = name.to_ascii_lowercase();
+            if lower.starts_with("projector-") || lower.starts_with("nats-") {
+                continue;
+            }
+            for value in values {
+                out.append(name, value.as_str());
+            }
+        }
+    }
+    out.insert(
+        "Nats-Msg-Id",
+        format!("dlq-replay:{dlq_stream}:{}", listed.dlq_seq).as_str(),
+    );
+    let ack = js
+        .publish_with_headers(listed.subject.clone(), out, message.payload.clone())
+        .await
+        .map_err(|e| format!("republish to {}: {e}", listed.subject))?;
+    let ack = tokio::time::timeout(Duration::from_secs(10), ack.into_future())
+        .await
+        .map_err(|_| format!("republish to {}: no ack", listed.subject))?
+        .map_err(|e| format!("republish to {}: {e}", listed.subject))?;
+    Ok(ack.sequence)
+}

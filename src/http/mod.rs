@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/get", get(get_record))
         .route("/admin/verify", get(verify))
         .route("/admin/snapshot", get(snapshot))
+        .route("/admin/replay", get(replay))
         .with_state(state)
 }
 
@@ -225,4 +226,38 @@ async fn snapshot(State(state): State<AppState>, Query(q): Query<SnapshotQuery>)
         }
     }
     Json(created).into_response()
+}
+
+#[derive(Deserialize)]
+struct ReplayQuery {
+    projection: String,
+    from_seq: Option<u64>,
+    to_seq: Option<u64>,
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn replay(State(state): State<AppState>, Query(q): Query<ReplayQuery>) -> Response {
+    let Some(p) = state.projection(&q.projection) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no projection {:?}\n", q.projection),
+        )
+            .into_response();
+    };
+    let Some(js) = &state.js else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response();
+    };
+    let range = crate::replay::Range {
+        from_seq: q.from_seq,
+        to_seq: q.to_seq,
+        from_ms: q.from_ms,
+        to_ms: q.to_ms,
+    };
+    match crate::replay::run(js, &state.store, &p.spec, &range, q.dry_run, |_| {}).await {
+        Ok(report) => Json(report).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
 }

@@ -261,13 +261,16 @@ impl Pipeline {
             }
         };
         let mut stream = stream;
-        let mut ack_floor = stream
-            .consumer_info(&self.spec.durable)
-            .await
-            .ok()
-            .map(|i| i.ack_floor.stream_sequence);
-        // A durable that acked messages this store has no trace of: the store was lost.
-        let checkpoint = match ack_floor.filter(|f| *f > 0 && checkpoint.last_seq == 0) {
+        let durable = stream.consumer_info(&self.spec.durable).await.ok();
+        let mut ack_floor = durable.as_ref().map(|i| i.ack_floor.stream_sequence);
+        // A durable that acked deliveries this store has no trace of: the store was lost. (A
+        // durable created with a start sequence and never delivered has a floor too, but no
+        // acked delivery: nothing was lost.)
+        let acked_deliveries = durable
+            .as_ref()
+            .is_some_and(|i| i.ack_floor.consumer_sequence > 0);
+        let lost = ack_floor.filter(|f| *f > 0 && acked_deliveries && checkpoint.last_seq == 0);
+        let checkpoint = match lost {
             Some(floor) => {
                 let restored = self.restore_lost_store(&mut stream, floor).await?;
                 ack_floor = stream

@@ -214,6 +214,15 @@ pub enum Outcome {
     Poison(Poison),
 }
 
+/// What [`Store::apply`] does with events at or below the checkpoint's ack floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BelowFloor {
+    /// Processed before: a duplicate.
+    Skip,
+    /// Decided by the key guards (backfills).
+    Apply,
+}
+
 /// Confirmations from earlier batches, folded into the next transaction for free.
 #[derive(Debug, Clone, Default)]
 pub struct Housekeeping {
@@ -475,6 +484,7 @@ impl Store {
         items: Vec<Item>,
         house: &Housekeeping,
         position: Option<&Position>,
+        below_floor: BelowFloor,
     ) -> Result<Applied, StoreError> {
         if crate::pipeline::crash::store_failure() {
             return Err(StoreError::Io(std::io::Error::other(
@@ -525,8 +535,9 @@ impl Store {
             let infallible = spec.reducer.infallible();
 
             for item in items {
-                // At or below the ack floor: processed and acked before (a replay).
-                if item.seq() <= floor {
+                // At or below the ack floor: processed and acked before (a replay through a
+                // re-created durable). An explicit backfill goes through the key guards only.
+                if below_floor == BelowFloor::Skip && item.seq() <= floor {
                     applied.outcomes.push(Outcome::Duplicate);
                     continue;
                 }
@@ -831,7 +842,16 @@ impl Store {
         house: &Housekeeping,
         position: Option<&Position>,
     ) -> Result<Applied, StoreError> {
-        guard(|| self.apply_unguarded(spec, items, house, position))
+        guard(|| self.apply_unguarded(spec, items, house, position, BelowFloor::Skip))
+    }
+
+    /// Applies events of a bounded replay (a backfill): like [`Store::apply`], but events at or
+    /// below the ack floor are not presumed processed (a durable that started late never
+    /// delivered them); the per-key sequence guards, dedupe markers and epochs still decide.
+    /// The checkpoint does not move.
+    pub fn backfill(&self, spec: &Spec, items: Vec<Item>) -> Result<Applied, StoreError> {
+        let house = Housekeeping::default();
+        guard(|| self.apply_unguarded(spec, items, &house, None, BelowFloor::Apply))
     }
 
     /// Folds confirmations into the store on their own; returns the outbox size.
