@@ -8,6 +8,7 @@
 //! those steps; [`runtime`] runs them all until shutdown; [`cli`] is the command line.
 #![warn(missing_docs)]
 
+pub mod alias;
 pub mod cli;
 pub mod config;
 pub mod consume;

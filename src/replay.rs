@@ -129,7 +129,7 @@ pub async fn run(
         .map_err(|e| e.to_string())?
     {
         Some(kv) => {
-            let bucket = spec.config.kv_bucket.clone().unwrap_or_default();
+            let bucket = spec.kv_bucket().unwrap_or_default();
             Some(KvWriter::new(js.clone(), kv, &bucket, 256))
         }
         None => None,

@@ -149,6 +149,16 @@ impl Spec {
         &self.config.name
     }
 
+    /// The KV bucket this version writes: `kv_bucket` for version 1, `<kv_bucket>_v<N>` for
+    /// version N >= 2, so that a rebuild never writes into the bucket readers use. Readers
+    /// follow the alias of `kv_bucket` (see [`crate::alias`]).
+    pub fn kv_bucket(&self) -> Option<String> {
+        self.config
+            .kv_bucket
+            .as_ref()
+            .map(|b| physical_bucket(b, self.config.version))
+    }
+
     /// Decodes a message and computes its key and epoch. Pure: the same message always gives
     /// the same result, and every failure is a [`Poison`] with a fixed code.
     pub fn prepare(&self, msg: &MessageView<'_>) -> Result<Prepared, Poison> {
@@ -172,6 +182,15 @@ impl Spec {
             delete,
             event,
         })
+    }
+}
+
+/// The physical KV bucket of `version` of a projection whose configured bucket is `bucket`.
+pub fn physical_bucket(bucket: &str, version: u32) -> String {
+    if version <= 1 {
+        bucket.to_owned()
+    } else {
+        format!("{bucket}_v{version}")
     }
 }
 

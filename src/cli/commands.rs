@@ -64,6 +64,12 @@ pub(super) async fn dispatch(command: Command, reducers: Reducers) -> Exit {
             replay(&config, &reducers, &projection, range, dry_run).await
         }
         Command::Dlq(command) => dlq(command, &reducers).await,
+        Command::Rebuild {
+            config,
+            projection,
+            from_snapshot,
+            promote,
+        } => rebuild(&config, reducers, &projection, from_snapshot, promote).await,
         Command::PublishJsonl { url, stream, file } => publish_jsonl(&url, stream, &file).await,
         Command::KvDump { config, projection } => kv_dump(&config, &reducers, &projection).await,
     }
@@ -200,8 +206,9 @@ async fn get(arg: &ConfigArg, reducers: &Reducers, projection: &str, key: &str) 
         },
         Ok(Access::Running(addr)) => {
             let path = format!(
-                "/admin/get?projection={}&key={}",
+                "/admin/get?projection={}&version={}&key={}",
                 admin::encode(projection),
+                spec.config.version,
                 admin::encode(key)
             );
             match admin::get(&addr, &path).await {
@@ -339,7 +346,7 @@ async fn offline_status(
             version: spec.config.version,
             stream: spec.config.stream.clone(),
             consumer: spec.durable.clone(),
-            kv_bucket: spec.config.kv_bucket.clone(),
+            kv_bucket: spec.kv_bucket(),
             ..Status::default()
         };
         if let Some(store) = &store {
@@ -390,7 +397,11 @@ async fn verify(arg: &ConfigArg, reducers: &Reducers, projection: &str, json: bo
             return Exit::Failure;
         }
         Ok(Access::Running(addr)) => {
-            let path = format!("/admin/verify?projection={}", admin::encode(projection));
+            let path = format!(
+                "/admin/verify?projection={}&version={}",
+                admin::encode(projection),
+                spec.config.version
+            );
             match admin::get(&addr, &path).await {
                 Ok(r) if r.status == 200 => match serde_json::from_slice(&r.body) {
                     Ok(report) => report,
@@ -562,7 +573,7 @@ async fn kv_dump(arg: &ConfigArg, reducers: &Reducers, projection: &str) -> Exit
         Ok(spec) => spec.clone(),
         Err(exit) => return exit,
     };
-    let Some(bucket) = &spec.config.kv_bucket else {
+    let Some(bucket) = spec.kv_bucket() else {
         eprintln!("{projection} has no kv_bucket");
         return Exit::Usage;
     };
@@ -574,7 +585,7 @@ async fn kv_dump(arg: &ConfigArg, reducers: &Reducers, projection: &str) -> Exit
         }
     };
     let js = async_nats::jetstream::new(client);
-    match crate::kv::verify::kv_entries(&js, bucket).await {
+    match crate::kv::verify::kv_entries(&js, &bucket).await {
         Ok(entries) => {
             for (key, (op, value)) in entries {
                 if op == async_nats::jetstream::kv::Operation::Put {
@@ -666,7 +677,11 @@ async fn snapshot_create(
             return Exit::Failure;
         }
         Ok(Access::Running(addr)) => {
-            let mut path = format!("/admin/snapshot?projection={}", admin::encode(projection));
+            let mut path = format!(
+                "/admin/snapshot?projection={}&version={}",
+                admin::encode(projection),
+                spec.config.version
+            );
             if let Some(out) = &out {
                 let absolute = std::path::absolute(out).unwrap_or_else(|_| out.clone());
                 path.push_str(&format!(
@@ -876,8 +891,9 @@ async fn replay(
             // Ask the running process: a dry run first, so the count is out before any write.
             let query = |dry: bool| {
                 let mut q = format!(
-                    "/admin/replay?projection={}&dry_run={dry}",
-                    admin::encode(projection)
+                    "/admin/replay?projection={}&version={}&dry_run={dry}",
+                    admin::encode(projection),
+                    spec.config.version
                 );
                 for (name, value) in [
                     ("from_seq", range.from_seq),
@@ -1036,4 +1052,235 @@ async fn dlq(command: DlqCommand, reducers: &Reducers) -> Exit {
         }
     }
     Exit::Ok
+}
+
+async fn rebuild(
+    arg: &ConfigArg,
+    reducers: Reducers,
+    projection: &str,
+    from_snapshot: Option<std::path::PathBuf>,
+    promote: bool,
+) -> Exit {
+    let (config, specs) = match load(arg, &reducers) {
+        Ok(loaded) => loaded,
+        Err(exit) => return exit,
+    };
+    let spec = match spec_named(&specs, projection) {
+        Ok(spec) => spec.clone(),
+        Err(exit) => return exit,
+    };
+    let version = spec.config.version;
+    let Some(logical) = spec.config.kv_bucket.clone() else {
+        eprintln!(
+            "{projection} has no kv_bucket: there are no readers to switch; run the new version with `run`"
+        );
+        return Exit::Usage;
+    };
+    let js = match connect_js(&config).await {
+        Ok(js) => js,
+        Err(exit) => return exit,
+    };
+    let live = match crate::alias::resolve(&js, &logical).await {
+        Ok(alias) => alias.map_or(1, |a| a.version),
+        Err(err) => {
+            eprintln!("{err}");
+            return Exit::Failure;
+        }
+    };
+    if version <= live {
+        eprintln!(
+            "{projection} v{version} is not newer than the live v{live}: bump `version` in {} to rebuild into a new read model",
+            arg.config.display()
+        );
+        return Exit::Usage;
+    }
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    match access(&config) {
+        Err(exit) => exit,
+        Ok(Access::Running(addr)) => {
+            let mut path = format!(
+                "/admin/rebuild?config={}&projection={}&promote={promote}",
+                admin::encode(&absolute(&arg.config).to_string_lossy()),
+                admin::encode(projection)
+            );
+            if let Some(snapshot) = &from_snapshot {
+                path.push_str(&format!(
+                    "&from_snapshot={}",
+                    admin::encode(&absolute(snapshot).to_string_lossy())
+                ));
+            }
+            match admin::get(&addr, &path).await {
+                Ok(r) if r.status == 200 || r.status == 409 => {
+                    if r.status == 409 {
+                        println!("{}", String::from_utf8_lossy(&r.body).trim());
+                    }
+                }
+                Ok(r) => {
+                    eprintln!(
+                        "the running projector answered {}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body).trim()
+                    );
+                    return Exit::Failure;
+                }
+                Err(err) => {
+                    eprintln!("{err}");
+                    return Exit::Failure;
+                }
+            }
+            println!(
+                "building {projection} v{version} beside the live v{live} in the running process"
+            );
+            watch_rebuild(&addr, projection, version, promote).await
+        }
+        Ok(access) => {
+            // Nothing runs: build the new version in this process, then stop it.
+            if let Some(snapshot) = &from_snapshot {
+                let store = match access {
+                    Access::Direct(store) => store,
+                    _ => match runtime::open_store(&config) {
+                        Ok(store) => store,
+                        Err((exit, message)) => {
+                            eprintln!("{message}");
+                            return exit;
+                        }
+                    },
+                };
+                match crate::restore::seed_from_snapshot(&js, &store, &spec, snapshot).await {
+                    Ok(seq) => println!(
+                        "seeded {projection} v{version} from {} at sequence {seq}",
+                        snapshot.display()
+                    ),
+                    Err(err) => {
+                        eprintln!("{err}");
+                        return Exit::FailClosed;
+                    }
+                }
+            } else {
+                drop(access);
+            }
+            let mut only = config.clone();
+            only.projection.retain(|p| p.name == spec.config.name);
+            only.http.listen = String::new();
+            let shutdown = CancellationToken::new();
+            let mut task = tokio::spawn(runtime::run(only, reducers, shutdown.clone()));
+            println!(
+                "building {projection} v{version} (nothing else runs: this process builds it)"
+            );
+            let caught_up = tokio::select! {
+                caught_up = wait_caught_up(&js, &spec) => caught_up,
+                // The build stopped by itself (a gap, a fatal error): report its exit code.
+                exit = &mut task => return exit.unwrap_or(Exit::Failure),
+            };
+            let mut exit = Exit::Ok;
+            if caught_up && promote {
+                exit = promote_now(&js, &spec, &logical).await;
+            }
+            shutdown.cancel();
+            match task.await {
+                Ok(Exit::Ok) => exit,
+                Ok(other) => other,
+                Err(_) => Exit::Failure,
+            }
+        }
+    }
+}
+
+async fn wait_caught_up(js: &async_nats::jetstream::Context, spec: &Spec) -> bool {
+    let threshold = spec.config.batch as u64;
+    loop {
+        if let Ok(stream) = js.get_stream(&spec.config.stream).await {
+            if let Ok(info) = stream.consumer_info(&spec.durable).await {
+                if info.num_pending + info.num_ack_pending as u64 <= threshold
+                    && info.num_ack_pending == 0
+                {
+                    println!(
+                        "{} v{} caught up at stream sequence {}",
+                        spec.name(),
+                        spec.config.version,
+                        info.ack_floor.stream_sequence
+                    );
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+async fn promote_now(js: &async_nats::jetstream::Context, spec: &Spec, logical: &str) -> Exit {
+    let alias = crate::alias::Alias {
+        bucket: spec.kv_bucket().unwrap_or_default(),
+        projection: spec.config.name.clone(),
+        version: spec.config.version,
+        promoted_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    match crate::alias::promote(js, logical, &alias).await {
+        Ok(()) => {
+            println!(
+                "promoted: alias {logical} -> {} (v{})",
+                alias.bucket, alias.version
+            );
+            Exit::Ok
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            Exit::Failure
+        }
+    }
+}
+
+async fn watch_rebuild(addr: &str, projection: &str, version: u32, promote: bool) -> Exit {
+    let mut last_report = std::time::Instant::now();
+    loop {
+        let rows: Vec<serde_json::Value> = match admin::get(addr, "/admin/status").await {
+            Ok(r) if r.status == 200 => serde_json::from_slice(&r.body).unwrap_or_default(),
+            Ok(r) => {
+                eprintln!("the running projector answered {}", r.status);
+                return Exit::Failure;
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                return Exit::Failure;
+            }
+        };
+        let row = rows
+            .iter()
+            .find(|r| r["status"]["projection"] == projection && r["status"]["version"] == version);
+        if let Some(row) = row {
+            let s = &row["status"];
+            if let Some(gap) = s["gap"].as_str() {
+                eprintln!("{projection} v{version} failed closed: {gap}");
+                return Exit::FailClosed;
+            }
+            let done = if promote {
+                s["promoted"] == true
+            } else {
+                row["ready"] == true
+            };
+            if done {
+                println!(
+                    "{projection} v{version} {} at stream sequence {}",
+                    if promote {
+                        "caught up and promoted: readers follow it now"
+                    } else {
+                        "caught up (not promoted)"
+                    },
+                    s["last_applied_seq"]
+                );
+                return Exit::Ok;
+            }
+            if last_report.elapsed() > std::time::Duration::from_secs(5) {
+                last_report = std::time::Instant::now();
+                println!(
+                    "  v{version}: applied up to {}, {} pending",
+                    s["last_applied_seq"], s["pending"]
+                );
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }

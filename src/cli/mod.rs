@@ -109,6 +109,21 @@ pub enum Command {
     /// Dead letters: list, replay.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Build the configured (bumped) version of PROJECTION beside the live one, from the
+    /// stream (or a snapshot of that version); `--promote` points readers at it once caught up.
+    Rebuild {
+        /// The configuration file holding the new version.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The projection.
+        projection: String,
+        /// Start from this snapshot of the new version instead of the stream's start.
+        #[arg(long)]
+        from_snapshot: Option<PathBuf>,
+        /// Promote the new version (switch the alias readers follow) once it has caught up.
+        #[arg(long)]
+        promote: bool,
+    },
     /// Development helper: publish a JSONL file of `{"subject", "event"}` lines to NATS.
     #[command(hide = true)]
     PublishJsonl {

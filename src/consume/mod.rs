@@ -204,10 +204,10 @@ pub async fn ensure_kv(
     js: &jetstream::Context,
     spec: &Spec,
 ) -> Result<Option<kv::Store>, NatsError> {
-    let Some(bucket) = &spec.config.kv_bucket else {
+    let Some(bucket) = spec.kv_bucket() else {
         return Ok(None);
     };
-    if let Ok(store) = js.get_key_value(bucket).await {
+    if let Ok(store) = js.get_key_value(&bucket).await {
         return Ok(Some(store));
     }
     let created = js
@@ -230,7 +230,7 @@ pub async fn ensure_kv(
         }
         // Another instance may have created it meanwhile.
         Err(err) => js
-            .get_key_value(bucket)
+            .get_key_value(&bucket)
             .await
             .map(Some)
             .map_err(|_| api(format!("create KV bucket {bucket}"), err)),

@@ -33,8 +33,8 @@ pub struct ProjectionHandle {
 pub struct AppState {
     /// The metrics registry.
     pub metrics: Metrics,
-    /// Every projection.
-    pub projections: Arc<Vec<ProjectionHandle>>,
+    /// Every running projection version.
+    pub projections: Arc<std::sync::RwLock<Vec<ProjectionHandle>>>,
     /// The store.
     pub store: Arc<Store>,
     /// `/readyz` is 503 above this lag.
@@ -45,11 +45,25 @@ pub struct AppState {
     pub js: Option<async_nats::jetstream::Context>,
     /// Where snapshots go by default.
     pub snapshot_dir: std::path::PathBuf,
+    /// Starts pipelines (rebuilds).
+    pub spawner: Option<crate::runtime::Spawner>,
 }
 
 impl AppState {
-    fn projection(&self, name: &str) -> Option<&ProjectionHandle> {
-        self.projections.iter().find(|p| p.spec.name() == name)
+    fn handles(&self) -> Vec<ProjectionHandle> {
+        match self.projections.read() {
+            Ok(list) => list.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The projection called `name`: that version, or its highest running one.
+    fn projection(&self, name: &str, version: Option<u32>) -> Option<ProjectionHandle> {
+        self.handles()
+            .into_iter()
+            .filter(|p| p.spec.name() == name)
+            .filter(|p| version.is_none_or(|v| p.spec.config.version == v))
+            .max_by_key(|p| p.spec.config.version)
     }
 }
 
@@ -64,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/verify", get(verify))
         .route("/admin/snapshot", get(snapshot))
         .route("/admin/replay", get(replay))
+        .route("/admin/rebuild", get(rebuild))
         .with_state(state)
 }
 
@@ -84,7 +99,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .store_bytes
         .set(state.store.file_size() as i64);
     let draining = state.draining.load(Ordering::SeqCst);
-    for p in state.projections.iter() {
+    for p in state.handles().iter() {
         let c = &p.spec.config;
         let ready = !draining && p.status.get().readiness(state.ready_max_lag).is_ok();
         state
@@ -106,7 +121,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     let mut problems = String::new();
-    for p in state.projections.iter() {
+    for p in state.handles().iter() {
         if let Err(why) = p.status.get().readiness(state.ready_max_lag) {
             problems.push_str(&format!("{}: {why}\n", p.spec.name()));
         }
@@ -120,7 +135,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn status(State(state): State<AppState>) -> Response {
     let all: Vec<_> = state
-        .projections
+        .handles()
         .iter()
         .map(|p| {
             let s = p.status.get();
@@ -138,11 +153,12 @@ async fn status(State(state): State<AppState>) -> Response {
 #[derive(Deserialize)]
 struct GetQuery {
     projection: String,
+    version: Option<u32>,
     key: String,
 }
 
 async fn get_record(State(state): State<AppState>, Query(q): Query<GetQuery>) -> Response {
-    let Some(p) = state.projection(&q.projection) else {
+    let Some(p) = state.projection(&q.projection, q.version) else {
         return (
             StatusCode::NOT_FOUND,
             format!("no projection {:?}\n", q.projection),
@@ -165,10 +181,11 @@ async fn get_record(State(state): State<AppState>, Query(q): Query<GetQuery>) ->
 #[derive(Deserialize)]
 struct ProjectionQuery {
     projection: String,
+    version: Option<u32>,
 }
 
 async fn verify(State(state): State<AppState>, Query(q): Query<ProjectionQuery>) -> Response {
-    let Some(p) = state.projection(&q.projection) else {
+    let Some(p) = state.projection(&q.projection, q.version) else {
         return (
             StatusCode::NOT_FOUND,
             format!("no projection {:?}\n", q.projection),
@@ -187,12 +204,13 @@ async fn verify(State(state): State<AppState>, Query(q): Query<ProjectionQuery>)
 #[derive(Deserialize)]
 struct SnapshotQuery {
     projection: String,
+    version: Option<u32>,
     out: Option<String>,
     object_store: Option<String>,
 }
 
 async fn snapshot(State(state): State<AppState>, Query(q): Query<SnapshotQuery>) -> Response {
-    let Some(p) = state.projection(&q.projection) else {
+    let Some(p) = state.projection(&q.projection, q.version) else {
         return (
             StatusCode::NOT_FOUND,
             format!("no projection {:?}\n", q.projection),
@@ -231,6 +249,7 @@ async fn snapshot(State(state): State<AppState>, Query(q): Query<SnapshotQuery>)
 #[derive(Deserialize)]
 struct ReplayQuery {
     projection: String,
+    version: Option<u32>,
     from_seq: Option<u64>,
     to_seq: Option<u64>,
     from_ms: Option<u64>,
@@ -240,7 +259,7 @@ struct ReplayQuery {
 }
 
 async fn replay(State(state): State<AppState>, Query(q): Query<ReplayQuery>) -> Response {
-    let Some(p) = state.projection(&q.projection) else {
+    let Some(p) = state.projection(&q.projection, q.version) else {
         return (
             StatusCode::NOT_FOUND,
             format!("no projection {:?}\n", q.projection),
@@ -259,5 +278,65 @@ async fn replay(State(state): State<AppState>, Query(q): Query<ReplayQuery>) -> 
     match crate::replay::run(js, &state.store, &p.spec, &range, q.dry_run, |_| {}).await {
         Ok(report) => Json(report).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct RebuildQuery {
+    /// The configuration file holding the new version (absolute path on this machine).
+    config: String,
+    projection: String,
+    #[serde(default)]
+    promote: bool,
+    from_snapshot: Option<String>,
+}
+
+/// Starts the configured (next) version of a projection beside the live one and, with
+/// `promote`, points readers at it once it has caught up.
+async fn rebuild(State(state): State<AppState>, Query(q): Query<RebuildQuery>) -> Response {
+    let Some(spawner) = &state.spawner else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this process cannot start projections\n",
+        )
+            .into_response();
+    };
+    let config = match crate::config::Config::load(std::path::Path::new(&q.config)) {
+        Ok(config) => config,
+        Err(err) => {
+            return (StatusCode::BAD_REQUEST, format!("{}: {err}\n", q.config)).into_response();
+        }
+    };
+    let Some(projection) = config.projection(&q.projection) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no projection {:?} in {}\n", q.projection, q.config),
+        )
+            .into_response();
+    };
+    let spec = match crate::spec::Spec::compile(projection, spawner.reducers.get(&projection.name))
+    {
+        Ok(spec) => std::sync::Arc::new(spec),
+        Err(err) => return (StatusCode::BAD_REQUEST, format!("{err}\n")).into_response(),
+    };
+    if let Some(path) = q.from_snapshot {
+        let Some(js) = &state.js else {
+            return (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response();
+        };
+        if let Err(err) =
+            crate::restore::seed_from_snapshot(js, &state.store, &spec, std::path::Path::new(&path))
+                .await
+        {
+            return (StatusCode::CONFLICT, format!("{err}\n")).into_response();
+        }
+    }
+    match spawner.start(spec) {
+        Ok(handle) => {
+            if q.promote {
+                spawner.promote_when_caught_up(handle);
+            }
+            (StatusCode::OK, "started\n").into_response()
+        }
+        Err(err) => (StatusCode::CONFLICT, format!("{err}\n")).into_response(),
     }
 }

@@ -75,7 +75,7 @@ pub async fn verify(
     js: &jetstream::Context,
     spec: &Spec,
 ) -> Result<Report, String> {
-    let Some(bucket) = &spec.config.kv_bucket else {
+    let Some(bucket) = spec.kv_bucket() else {
         return Err(format!("projection {} has no kv_bucket", spec.name()));
     };
     let (s, ns) = (store.clone(), spec.namespace.clone());
@@ -86,7 +86,7 @@ pub async fn verify(
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let pending: std::collections::HashSet<String> = outbox.into_iter().map(|(k, _)| k).collect();
-    let mut kv = kv_entries(js, bucket).await?;
+    let mut kv = kv_entries(js, &bucket).await?;
     let mut report = Report {
         projection: spec.name().to_owned(),
         store_keys: records.len() as u64,

@@ -244,7 +244,7 @@ impl Pipeline {
         self.stream_created_ns = stream.cached_info().created.unix_timestamp_nanos();
         self.stream = Some(stream.clone());
         if let Some(kv) = consume::ensure_kv(&self.js, &self.spec).await? {
-            let bucket = self.spec.config.kv_bucket.clone().unwrap_or_default();
+            let bucket = self.spec.kv_bucket().unwrap_or_default();
             self.kv = Some(KvWriter::new(self.js.clone(), kv, &bucket, KV_IN_FLIGHT));
         }
         consume::ensure_dlq_stream(&self.js, &self.spec).await?;
@@ -850,7 +850,7 @@ impl Pipeline {
             for ((m, outcome), log) in messages.iter().zip(&applied.outcomes).zip(described) {
                 debug!(parent: &span, stream_seq = m.seq, subject = %m.subject,
                     event_type = log.event_type.as_deref().unwrap_or(""),
-                    kv_bucket = self.spec.config.kv_bucket.as_deref().unwrap_or(""),
+                    kv_bucket = self.spec.kv_bucket().as_deref().unwrap_or(""),
                     kv_key = log.key.as_deref().unwrap_or(""), outcome = outcome.as_str(),
                     correlation_id = log.correlation_id.as_deref().unwrap_or(""),
                     redelivered = m.delivered > 1, "event");

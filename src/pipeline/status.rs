@@ -35,6 +35,9 @@ pub struct Status {
     pub failure: Option<String>,
     /// A fail-closed condition (gap, corruption) that needs an operator.
     pub gap: Option<String>,
+    /// This version was promoted by a rebuild: its bucket's alias points at it.
+    #[serde(default)]
+    pub promoted: bool,
 }
 
 impl Status {

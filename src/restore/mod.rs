@@ -97,12 +97,12 @@ pub async fn from_kv(
     spec: &Spec,
     floor: u64,
 ) -> Result<Contents, RestoreError> {
-    let Some(bucket) = &spec.config.kv_bucket else {
+    let Some(bucket) = spec.kv_bucket() else {
         return Err(RestoreError::Source(
             "the projection has no kv_bucket".into(),
         ));
     };
-    let entries = crate::kv::verify::kv_entries(js, bucket)
+    let entries = crate::kv::verify::kv_entries(js, &bucket)
         .await
         .map_err(RestoreError::Nats)?;
     let mut records = Vec::with_capacity(entries.len());
@@ -243,4 +243,38 @@ async fn markers_before(
     markers.sort();
     markers.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
     Ok(markers)
+}
+
+/// Seeds a (new) projection version from a snapshot of that same version: verifies it, checks
+/// the stream still continues it, loads it into the store, and starts the durable after it.
+pub async fn seed_from_snapshot(
+    js: &jetstream::Context,
+    store: &std::sync::Arc<crate::store::Store>,
+    spec: &std::sync::Arc<Spec>,
+    path: &std::path::Path,
+) -> Result<u64, String> {
+    let snapshot = crate::snapshot::read_file(path).map_err(|e| e.to_string())?;
+    let h = &snapshot.header;
+    if h.projection != spec.config.name || h.version != spec.config.version {
+        return Err(format!(
+            "the snapshot is of {} v{}, not {} v{}",
+            h.projection, h.version, spec.config.name, spec.config.version
+        ));
+    }
+    let mut stream = consume::stream_of(js, &spec.config.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    continues(&mut stream, &snapshot.contents.checkpoint)
+        .await
+        .map_err(|e| format!("the stream no longer continues the snapshot: {e}"))?;
+    let seq = h.seq;
+    let (s, sp, contents) = (store.clone(), spec.clone(), snapshot.contents);
+    tokio::task::spawn_blocking(move || s.import(&sp.namespace, &contents, true))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    reset_durable(&stream, spec, seq)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(seq)
 }

@@ -106,108 +106,81 @@ pub fn lookup(store: &Store, spec: &Spec, key: &str) -> Result<Option<Vec<u8>>, 
     Ok(record.map(|r| r.kv_value(&spec.config.name, spec.config.version)))
 }
 
-/// Runs every projection until `shutdown` fires, then drains. Returns the exit code.
-pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken) -> Exit {
-    let specs = match compile(&config, &reducers) {
-        Ok(specs) => specs,
-        Err(err) => {
-            error!("{err}");
-            return Exit::Usage;
+/// Starts projection pipelines, at startup and later (a rebuild starts the next version of a
+/// projection beside the live one). Shared with the admin routes.
+#[derive(Clone)]
+pub struct Spawner {
+    store: Arc<Store>,
+    js: async_nats::jetstream::Context,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    pipelines: TaskTracker,
+    options: crate::pipeline::Options,
+    failure: Arc<std::sync::Mutex<Option<Exit>>>,
+    /// Every running projection version.
+    pub projections: Arc<std::sync::RwLock<Vec<ProjectionHandle>>>,
+    /// The custom reducers, for specs compiled later.
+    pub reducers: Reducers,
+}
+
+impl Spawner {
+    /// The running projections.
+    pub fn handles(&self) -> Vec<ProjectionHandle> {
+        match self.projections.read() {
+            Ok(list) => list.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
-    };
-    let store = match open_store(&config) {
-        Ok(store) => store,
-        Err((exit, message)) => {
-            error!("{message}");
-            return exit;
-        }
-    };
-    let metrics = Metrics::new();
-    let handles: Vec<ProjectionHandle> = specs
-        .iter()
-        .map(|spec| ProjectionHandle {
-            spec: spec.clone(),
+    }
+
+    /// Starts a pipeline for `spec`; refuses a projection version that already runs.
+    pub fn start(&self, spec: Arc<Spec>) -> Result<ProjectionHandle, String> {
+        let handle = ProjectionHandle {
             status: Arc::new(StatusCell::new(Status {
                 projection: spec.config.name.clone(),
                 version: spec.config.version,
                 stream: spec.config.stream.clone(),
                 consumer: spec.durable.clone(),
-                kv_bucket: spec.config.kv_bucket.clone(),
+                kv_bucket: spec.kv_bucket(),
                 ..Status::default()
             })),
-        })
-        .collect();
-    let draining = Arc::new(AtomicBool::new(false));
-    let http_stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-
-    info!(url = %config.nats_url(), "connecting to NATS");
-    let client = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Exit::Ok,
-            result = crate::consume::connect(&config.nats, config.nats_url()) => match result {
-                Ok(client) => break client,
-                Err(err) => {
-                    warn!(error = %err, "NATS not reachable yet; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Exit::Ok,
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    }
-                }
-            }
-        }
-    };
-    let js = async_nats::jetstream::new(client.clone());
-
-    let state = AppState {
-        metrics: metrics.clone(),
-        projections: Arc::new(handles.clone()),
-        store: store.clone(),
-        ready_max_lag: config.http.ready_max_lag,
-        draining: draining.clone(),
-        js: Some(js.clone()),
-        snapshot_dir: config.snapshot_dir(),
-    };
-    if !config.http.listen.is_empty() {
-        let listener = match tokio::net::TcpListener::bind(&config.http.listen).await {
-            Ok(listener) => listener,
-            Err(err) => {
-                error!(listen = %config.http.listen, error = %err, "cannot listen");
-                return Exit::Failure;
-            }
+            spec: spec.clone(),
         };
-        info!(listen = %config.http.listen, "serving /metrics, /livez, /readyz");
-        let stop = http_stop.clone();
-        tracker.spawn(async move {
-            if let Err(err) = crate::http::serve(listener, state, stop).await {
-                error!(error = %err, "HTTP listener failed");
+        {
+            let mut list = match self.projections.write() {
+                Ok(list) => list,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let same = |h: &ProjectionHandle| {
+                h.spec.config.name == spec.config.name
+                    && h.spec.config.version == spec.config.version
+            };
+            if list.iter().any(same) {
+                return Err(format!(
+                    "{} v{} is already running",
+                    spec.name(),
+                    spec.config.version
+                ));
             }
-        });
-    }
-
-    let failure: Arc<std::sync::Mutex<Option<Exit>>> = Arc::default();
-    let pipelines = TaskTracker::new();
-    for handle in &handles {
-        let spec = handle.spec.clone();
-        let m = metrics.projection(spec.name(), &spec.config.stream, &spec.durable);
+            list.push(handle.clone());
+        }
+        let m = self
+            .metrics
+            .projection(spec.name(), &spec.config.stream, &spec.durable);
         let pipeline = Pipeline::new(
             spec.clone(),
-            store.clone(),
-            js.clone(),
+            self.store.clone(),
+            self.js.clone(),
             m.clone(),
             handle.status.clone(),
-            shutdown.clone(),
-            crate::pipeline::Options {
-                ready_max_lag: config.http.ready_max_lag,
-                snapshot_dir: config.snapshot_dir(),
-                snapshot_interval: config.snapshots.interval,
-                snapshot_keep: config.snapshots.keep,
-                snapshot_object_store: config.snapshots.object_store.clone(),
-            },
+            self.shutdown.clone(),
+            self.options.clone(),
         );
-        let (failure, shutdown, status) =
-            (failure.clone(), shutdown.clone(), handle.status.clone());
-        pipelines.spawn(async move {
+        let (failure, shutdown, status) = (
+            self.failure.clone(),
+            self.shutdown.clone(),
+            handle.status.clone(),
+        );
+        self.pipelines.spawn(async move {
             let Err(err) = pipeline.run().await else {
                 return;
             };
@@ -235,13 +208,156 @@ pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken
                 }
             }
         });
+        Ok(handle)
     }
-    pipelines.close();
+
+    /// Promotes `handle` (points its bucket's alias at it) as soon as it has caught up: bound,
+    /// sampled, no failure or gap, and at most one batch behind.
+    pub fn promote_when_caught_up(&self, handle: ProjectionHandle) {
+        let (js, shutdown) = (self.js.clone(), self.shutdown.clone());
+        self.pipelines.spawn(async move {
+            let spec = &handle.spec;
+            let (Some(logical), Some(bucket)) = (spec.config.kv_bucket.clone(), spec.kv_bucket()) else {
+                return;
+            };
+            let threshold = spec.config.batch as u64;
+            loop {
+                let s = handle.status.get();
+                let caught_up = s.bound && s.sampled && s.failure.is_none() && s.gap.is_none()
+                    && s.pending + s.ack_pending <= threshold;
+                if caught_up {
+                    let alias = crate::alias::Alias {
+                        bucket: bucket.clone(),
+                        projection: spec.config.name.clone(),
+                        version: spec.config.version,
+                        promoted_unix_ms: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(0),
+                    };
+                    match crate::alias::promote(&js, &logical, &alias).await {
+                        Ok(()) => {
+                            info!(projection = %spec.name(), version = spec.config.version,
+                                alias = %logical, bucket = %bucket, last_applied = s.last_applied_seq,
+                                pending = s.pending, ack_pending = s.ack_pending,
+                                "promoted: readers now follow this version");
+                            handle.status.update(|s| s.promoted = true);
+                            return;
+                        }
+                        Err(err) => {
+                            warn!(error = %err, "promotion failed");
+                            handle.status.update(|s| s.failure = Some(err));
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
+    }
+}
+
+/// Runs every projection until `shutdown` fires, then drains. Returns the exit code.
+pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken) -> Exit {
+    let specs = match compile(&config, &reducers) {
+        Ok(specs) => specs,
+        Err(err) => {
+            error!("{err}");
+            return Exit::Usage;
+        }
+    };
+    let store = match open_store(&config) {
+        Ok(store) => store,
+        Err((exit, message)) => {
+            error!("{message}");
+            return exit;
+        }
+    };
+    let metrics = Metrics::new();
+    let draining = Arc::new(AtomicBool::new(false));
+    let http_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    info!(url = %config.nats_url(), "connecting to NATS");
+    let client = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Exit::Ok,
+            result = crate::consume::connect(&config.nats, config.nats_url()) => match result {
+                Ok(client) => break client,
+                Err(err) => {
+                    warn!(error = %err, "NATS not reachable yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Exit::Ok,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+        }
+    };
+    let js = async_nats::jetstream::new(client.clone());
+
+    let spawner = Spawner {
+        store: store.clone(),
+        js: js.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        pipelines: TaskTracker::new(),
+        options: crate::pipeline::Options {
+            ready_max_lag: config.http.ready_max_lag,
+            snapshot_dir: config.snapshot_dir(),
+            snapshot_interval: config.snapshots.interval,
+            snapshot_keep: config.snapshots.keep,
+            snapshot_object_store: config.snapshots.object_store.clone(),
+        },
+        failure: Arc::default(),
+        projections: Arc::default(),
+        reducers: reducers.clone(),
+    };
+    for spec in specs {
+        if let Err(err) = spawner.start(spec) {
+            error!("{err}");
+            return Exit::Usage;
+        }
+    }
+
+    let state = AppState {
+        metrics: metrics.clone(),
+        projections: spawner.projections.clone(),
+        store: store.clone(),
+        ready_max_lag: config.http.ready_max_lag,
+        draining: draining.clone(),
+        js: Some(js.clone()),
+        snapshot_dir: config.snapshot_dir(),
+        spawner: Some(spawner.clone()),
+    };
+    if !config.http.listen.is_empty() {
+        let listener = match tokio::net::TcpListener::bind(&config.http.listen).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                error!(listen = %config.http.listen, error = %err, "cannot listen");
+                shutdown.cancel();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(25), spawner.pipelines.wait()).await;
+                return Exit::Failure;
+            }
+        };
+        info!(listen = %config.http.listen, "serving /metrics, /livez, /readyz");
+        let stop = http_stop.clone();
+        tracker.spawn(async move {
+            if let Err(err) = crate::http::serve(listener, state, stop).await {
+                error!(error = %err, "HTTP listener failed");
+            }
+        });
+    }
 
     shutdown.cancelled().await;
     draining.store(true, Ordering::SeqCst);
     info!("shutting down: finishing the batches in hand");
-    if tokio::time::timeout(Duration::from_secs(25), pipelines.wait())
+    spawner.pipelines.close();
+    if tokio::time::timeout(Duration::from_secs(25), spawner.pipelines.wait())
         .await
         .is_err()
     {
@@ -253,7 +369,8 @@ pub async fn run(config: Config, reducers: Reducers, shutdown: CancellationToken
     http_stop.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
-    let exit = failure
+    let exit = spawner
+        .failure
         .lock()
         .ok()
         .and_then(|slot| *slot)

@@ -560,6 +560,11 @@ pub struct Child2 {
 }
 
 impl Child2 {
+    /// Spawns `run --config` logging at `level` (instead of warn).
+    pub fn run_with_log_level(config: &Path, level: &str, log: &Path) -> Child2 {
+        Child2::run(config, &[("RUST_LOG", level)], log)
+    }
+
     /// Spawns `run --config` with extra environment variables; logs go to `log`.
     pub fn run(config: &Path, env: &[(&str, &str)], log: &Path) -> Child2 {
         let file = std::fs::OpenOptions::new()
