@@ -18,7 +18,7 @@ fn cfg(path: &Path) -> &str {
 async fn project(server: &NatsServer, config: &Path, dir: &Path, events: &[(String, Vec<u8>)]) {
     let (_client, js) = server.jetstream().await;
     publish_all(&js, events.to_vec()).await;
-    let projector = Child2::run(config, &[], &dir.join("projector.log"));
+    let projector = Child2::run_with_log_level(config, "info", &dir.join("projector.log"));
     wait_drained(&js, "ORDERS", "projector__orders_v1", DRAIN).await;
     assert_eq!(
         projector.terminate(),
@@ -294,4 +294,106 @@ async fn a_corrupted_store_fails_closed_without_panic_and_the_recovery_path_work
     std::fs::rename(&store, dir.path().join("store.redb.corrupt")).unwrap();
     project(&server, &config, dir.path(), &events[3000..]).await;
     assert_fixture_model(&js, &store, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_only_projection_restores_from_its_snapshots_then_by_replay() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    let (events, expected) = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // No KV bucket: the local store is the only read model. Automatic snapshots every second.
+    let projection = FIXTURE_PROJECTION.replace("kv_bucket = \"orders_view\"\n", "");
+    let config = write_config(&server, dir.path(), 0, &projection);
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "[http]",
+            "[snapshots]\ninterval = \"1s\"\nkeep = 2\n\n[http]",
+        ),
+    )
+    .unwrap();
+    let snapshots = dir.path().join("snapshots");
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run_with_log_level(&config, "info", &log);
+    for end in [1000, 2000, 2500] {
+        publish_all(
+            &js,
+            events[end.min(2500)
+                - if end == 1000 {
+                    1000
+                } else if end == 2000 {
+                    1000
+                } else {
+                    500
+                }..end]
+                .to_vec(),
+        )
+        .await;
+        eventually(
+            Duration::from_secs(20),
+            "an automatic snapshot at the new sequence",
+            || async {
+                let files = nats_projector::snapshot::list(&snapshots, "orders", 1);
+                files
+                    .first()
+                    .and_then(|f| nats_projector::snapshot::peek_header(f))
+                    .is_some_and(|h| h.seq == end as u64)
+            },
+        )
+        .await;
+    }
+    let files = nats_projector::snapshot::list(&snapshots, "orders", 1);
+    assert_eq!(files.len(), 2, "pruned to `keep`: {files:?}");
+    for file in &files {
+        nats_projector::snapshot::read_file(file).expect("automatic snapshots verify");
+    }
+    assert_eq!(projector.terminate(), Some(0));
+
+    // The store is lost: restored from the newest snapshot, then the rest is applied.
+    std::fs::remove_file(dir.path().join("store.redb")).unwrap();
+    project(&server, &config, dir.path(), &events[2500..]).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("store restored from a snapshot"), "{text}");
+    let store = nats_projector::store::Store::open(&dir.path().join("store.redb"), 8).unwrap();
+    let records = store.records("orders@v1").unwrap();
+    drop(store);
+    assert_eq!(records.len(), 200);
+    for (key, record) in &records {
+        assert_eq!(
+            record.seq,
+            expected["keys"][key]["last_applied_stream_seq"]
+                .as_u64()
+                .unwrap(),
+            "{key}"
+        );
+    }
+
+    // Lost again, with no snapshot left: the stream still holds everything, so it is replayed.
+    std::fs::remove_file(dir.path().join("store.redb")).unwrap();
+    std::fs::remove_dir_all(&snapshots).unwrap();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("interval = \"1s\"", "interval = \"0s\""),
+    )
+    .unwrap();
+    let projector = Child2::run_with_log_level(&config, "info", &log);
+    eventually(
+        Duration::from_secs(20),
+        "the replay from the first sequence",
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("store rebuilt by replaying the stream")
+        },
+    )
+    .await;
+    wait_drained(&js, "ORDERS", "projector__orders_v1", DRAIN).await;
+    assert_eq!(projector.terminate(), Some(0));
+    let store = nats_projector::store::Store::open(&dir.path().join("store.redb"), 8).unwrap();
+    let again = store.records("orders@v1").unwrap();
+    assert_eq!(again, records, "the replay rebuilt the same store");
 }

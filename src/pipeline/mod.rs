@@ -92,6 +92,7 @@ pub struct Pipeline {
     ready_max_lag: u64,
     options: Options,
     last_snapshot: Instant,
+    last_snapshot_seq: u64,
     stream: Option<async_nats::jetstream::stream::Stream>,
     checkpoint: crate::store::Checkpoint,
 }
@@ -124,6 +125,7 @@ impl Pipeline {
             ready_max_lag: options.ready_max_lag,
             options,
             last_snapshot: Instant::now(),
+            last_snapshot_seq: 0,
             stream: None,
             checkpoint: crate::store::Checkpoint::default(),
         }
@@ -160,7 +162,12 @@ impl Pipeline {
                 let interval = self.options.snapshot_interval;
                 if !interval.is_zero() && self.last_snapshot.elapsed() >= interval {
                     self.last_snapshot = Instant::now();
-                    self.auto_snapshot().await;
+                    // Nothing applied since the last one: the same snapshot again is useless.
+                    let seq = self.status.get().last_applied_seq;
+                    if seq > self.last_snapshot_seq {
+                        self.last_snapshot_seq = seq;
+                        self.auto_snapshot().await;
+                    }
                 }
                 match source.next_batch(&self.cancel).await {
                     Ok(Fetched::Shutdown) => break,
