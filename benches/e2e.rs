@@ -1,0 +1,596 @@
+//! End-to-end benchmark against a local nats-server: the machine's ceilings and the projector
+//! measured in the same run, printed as a table with ratios and written as JSON.
+//!
+//! ```sh
+//! cargo bench --bench e2e                 # the whole table (medians of 3 runs)
+//! cargo bench --bench e2e -- --quick      # one run, smaller backlogs (a smoke test)
+//! cargo bench --bench e2e -- --steady-secs 600   # the 10-minute steady run
+//! ```
+//!
+//! Needs nats-server (NATS_SERVER_BIN, PATH, or `.venv` from scripts/test). The projector runs
+//! as its release binary in a child process, so its peak RSS is its own.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer::pull, kv};
+use common::{Child2, NatsServer, create_stream};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+struct Options {
+    runs: usize,
+    events: usize,
+    million: usize,
+    steady_secs: u64,
+    steady_rate: u64,
+    out: String,
+    /// Runs only the catch-ups whose label (`latest/10000`, `store-only`) contains this, and
+    /// skips the ceilings and the steady run (for profiling one case).
+    only: Option<String>,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    Options {
+        runs: value("--runs").map_or(if quick { 1 } else { 3 }, |v| v as usize),
+        events: value("--events").map_or(if quick { 50_000 } else { 200_000 }, |v| v as usize),
+        million: value("--million").map_or(if quick { 100_000 } else { 1_000_000 }, |v| v as usize),
+        steady_secs: value("--steady-secs").unwrap_or(if quick { 5 } else { 20 }),
+        steady_rate: value("--steady-rate").unwrap_or(5_000),
+        out: args
+            .iter()
+            .position(|a| a == "--out")
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| "bench-results/e2e.json".into()),
+        only: args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1).cloned()),
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A ~256-byte CloudEvent for key `k`.
+fn event(n: usize, k: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "specversion": "1.0", "id": format!("e{n}"), "source": "bench", "type": "upd",
+        "data": {"k": k, "n": n, "amount": n % 100, "ts": now_us(), "pad": "x".repeat(96)},
+    }))
+    .unwrap()
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    events: usize,
+    keys: usize,
+    offset: usize,
+) {
+    let mut pending = VecDeque::new();
+    for n in offset..offset + events {
+        let ack = js
+            .publish(subject.to_owned(), event(n, n % keys).into())
+            .await
+            .unwrap();
+        pending.push_back(ack);
+        if pending.len() >= 4096 {
+            pending.pop_front().unwrap().await.unwrap();
+        }
+    }
+    for ack in pending {
+        ack.await.unwrap();
+    }
+}
+
+/// Ceiling 1: a durable pull consumer draining and acking every message.
+async fn consume_ceiling(js: &jetstream::Context, stream: &str, events: usize) -> f64 {
+    let stream = js.get_stream(stream).await.unwrap();
+    let name = format!("ceiling{}", now_us());
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(10_000)
+        .messages()
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < events {
+        let m = messages.next().await.unwrap().unwrap();
+        m.ack().await.unwrap();
+        seen += 1;
+    }
+    let rate = seen as f64 / started.elapsed().as_secs_f64();
+    drop(messages);
+    let _ = stream.delete_consumer(&name).await;
+    rate
+}
+
+/// Ceiling 2: compare-and-set KV writes of `keys` distinct keys, 256 in flight.
+async fn kv_ceiling(js: &jetstream::Context, keys: usize) -> f64 {
+    let bucket = format!("ceiling{}", now_us());
+    let store = js
+        .create_key_value(kv::Config {
+            bucket: bucket.clone(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let value: bytes::Bytes = vec![b'v'; 200].into();
+    let started = Instant::now();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut next = 0;
+    let mut done = 0;
+    while done < keys {
+        while in_flight.len() < 256 && next < keys {
+            let (store, value) = (store.clone(), value.clone());
+            in_flight.push(async move { store.update(format!("k{next}"), value, 0).await });
+            next += 1;
+        }
+        in_flight.next().await.unwrap().unwrap();
+        done += 1;
+    }
+    let rate = keys as f64 / started.elapsed().as_secs_f64();
+    let _ = js.delete_key_value(&bucket).await;
+    rate
+}
+
+struct Catchup {
+    rate: f64,
+    rss_mib: f64,
+    store_mib: f64,
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs the projector binary on the backlog of `stream` until drained.
+async fn catchup(
+    server: &NatsServer,
+    js: &jetstream::Context,
+    stream: &str,
+    reducer: &str,
+    kv_bucket: Option<&str>,
+    events: usize,
+) -> Catchup {
+    let dir = tempfile::tempdir().unwrap();
+    let sum = if reducer == "counter" {
+        "sum = \"{data.amount}\"\n"
+    } else {
+        ""
+    };
+    let bucket = kv_bucket
+        .map(|b| format!("kv_bucket = \"{b}\"\n"))
+        .unwrap_or_default();
+    let name = format!("p{}", now_us());
+    let projection = format!(
+        "[[projection]]\nname = \"{name}\"\nstream = \"{stream}\"\nkey = \"{{data.k}}\"\nreducer = \"{reducer}\"\n\
+         {sum}{bucket}batch = 4096\nmax_ack_pending = 16384\ndedupe_window = \"10m\"\n"
+    );
+    let port = common::free_port();
+    let config = common::write_config(server, dir.path(), port, &projection);
+    let log = dir.path().join("log");
+    let child = Child2::run(&config, &[], &log);
+    let pid = child.child.id();
+    let perf = std::env::var("BENCH_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "499",
+                "-g",
+                "-o",
+                &out,
+                "-p",
+                &pid.to_string(),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    });
+    let durable = format!("projector__{name}_v1");
+    let stream_handle = js.get_stream(stream).await.unwrap();
+    // The clock starts when the projector has bound its durable (process start-up excluded,
+    // as consumer creation is for the ceiling).
+    while stream_handle.consumer_info(&durable).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let info = stream_handle.consumer_info(&durable).await;
+        if let Ok(info) = info {
+            if info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.ack_floor.stream_sequence as usize >= events
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss = rss_kib(pid, "VmHWM:") as f64 / 1024.0;
+    if let Some(mut perf) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
+    let labels = [("projection", name.as_str())];
+    let batches = common::metric(port, "projector_batch_size_count", &labels)
+        .await
+        .unwrap_or(0.0);
+    let batched = common::metric(port, "projector_batch_size_sum", &labels)
+        .await
+        .unwrap_or(0.0);
+    let busy = common::metric(port, "projector_batch_duration_seconds_sum", &labels)
+        .await
+        .unwrap_or(0.0);
+    eprintln!(
+        "  {stream} {reducer} kv={}: {:.0} ev/s, {batches:.0} batches, mean {:.0} messages, \
+         mean {:.2} ms fetch-to-ack",
+        kv_bucket.is_some(),
+        events as f64 / elapsed,
+        batched / batches.max(1.0),
+        busy * 1000.0 / batches.max(1.0)
+    );
+    assert_eq!(
+        child.terminate(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let store = std::fs::metadata(dir.path().join("store.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0) as f64
+        / 1048576.0;
+    if let Some(b) = kv_bucket {
+        let _ = js.delete_key_value(b).await;
+    }
+    let _ = js
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .delete_consumer(&durable)
+        .await;
+    Catchup {
+        rate: events as f64 / elapsed,
+        rss_mib: rss,
+        store_mib: store,
+    }
+}
+
+struct Steady {
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_lag: u64,
+    rss_first_mib: f64,
+    rss_last_mib: f64,
+    rss_max_mib: f64,
+    seen: usize,
+}
+
+/// Publishes at a fixed rate; a KV watcher measures publish → KV-visible latency.
+async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u64) -> Steady {
+    create_stream(js, "STEADY", &["steady.>"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let projection = "[[projection]]\nname = \"steady\"\nstream = \"STEADY\"\nkey = \"{data.k}\"\nreducer = \"latest\"\nkv_bucket = \"steady\"\nlag_sample_interval = \"1s\"\n";
+    let config = common::write_config(server, dir.path(), 0, projection);
+    let log = dir.path().join("log");
+    let child = Child2::run(&config, &[], &log);
+    let pid = child.child.id();
+    common::eventually(Duration::from_secs(20), "the steady bucket", || async {
+        js.get_key_value("steady").await.is_ok()
+    })
+    .await;
+    let kv = js.get_key_value("steady").await.unwrap();
+    let mut watch = kv.watch_all().await.unwrap();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        loop {
+            let entry = tokio::select! {
+                _ = &mut stopped => break,
+                entry = watch.next() => entry,
+            };
+            let Some(Ok(entry)) = entry else { break };
+            let seen = now_us();
+            if let Ok(v) = serde_json::from_slice::<Value>(&entry.value) {
+                if let Some(ts) = v["state"]["ts"].as_u64() {
+                    latencies.push(seen.saturating_sub(ts));
+                }
+            }
+        }
+        latencies
+    });
+    let total = (secs * rate) as usize;
+    let started = Instant::now();
+    let mut max_lag = 0;
+    let mut rss = Vec::new();
+    let mut acks = VecDeque::new();
+    for n in 0..total {
+        // Paced: event n goes out at n / rate seconds.
+        let due = Duration::from_secs_f64(n as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        acks.push_back(
+            js.publish("steady.x", event(n, n % 1000).into())
+                .await
+                .unwrap(),
+        );
+        if acks.len() > 1000 {
+            acks.pop_front().unwrap().await.unwrap();
+        }
+        if n % rate as usize == 0 {
+            rss.push(rss_kib(pid, "VmRSS:") as f64 / 1024.0);
+            if let Ok(info) = js
+                .get_stream("STEADY")
+                .await
+                .unwrap()
+                .consumer_info("projector__steady_v1")
+                .await
+            {
+                max_lag = max_lag.max(info.num_pending + info.num_ack_pending as u64);
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop.send(());
+    let mut latencies = watcher.await.unwrap_or_default();
+    assert_eq!(child.terminate(), Some(0));
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    Steady {
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        max_lag,
+        rss_first_mib: rss.first().copied().unwrap_or(0.0),
+        rss_last_mib: rss.last().copied().unwrap_or(0.0),
+        rss_max_mib: rss.iter().copied().fold(0.0, f64::max),
+        seen: latencies.len(),
+    }
+}
+
+fn print_rows(rows: &[(String, f64, String, Option<f64>)]) {
+    println!(
+        "\n{:<100} {:>12}  {:<28} ratio",
+        "measurement", "value", "unit"
+    );
+    for (name, value, unit, ratio) in rows {
+        let ratio = ratio.map(|r| format!("{r:.2}")).unwrap_or_default();
+        println!("{name:<100} {value:>12.1}  {unit:<28} {ratio}");
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let o = options();
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    let mut rows: Vec<(String, f64, String, Option<f64>)> = Vec::new();
+    let mut report = serde_json::Map::new();
+
+    // The 10,000-key and 100-key backlogs share one stream each; the million-key one too.
+    for (stream, keys, events) in [
+        ("K100", 100, o.events),
+        ("K10K", 10_000, o.events),
+        ("K1M", o.million, o.million),
+    ] {
+        create_stream(&js, stream, &[&format!("{}.>", stream.to_lowercase())]).await;
+        publish(
+            &js,
+            &format!("{}.x", stream.to_lowercase()),
+            events,
+            keys,
+            0,
+        )
+        .await;
+    }
+    eprintln!("backlogs published");
+
+    let wanted = |label: &str| {
+        o.only
+            .as_ref()
+            .is_none_or(|only| label.contains(only.as_str()))
+    };
+    let ceilings = if o.only.is_some() { 0 } else { o.runs };
+    let mut consume_runs = vec![1.0];
+    for _ in 0..ceilings {
+        consume_runs.push(consume_ceiling(&js, "K10K", o.events).await);
+    }
+    let consume = median(consume_runs);
+    rows.push((
+        "ceiling: pull consume + ack every message".into(),
+        consume,
+        "msg/s".into(),
+        None,
+    ));
+    let mut kv_ceilings = std::collections::BTreeMap::new();
+    for keys in [100usize, 10_000, o.million] {
+        let mut runs = vec![1.0];
+        for _ in 0..ceilings {
+            runs.push(kv_ceiling(&js, keys).await);
+        }
+        let rate = median(runs);
+        kv_ceilings.insert(keys, rate);
+        rows.push((
+            format!("ceiling: KV CAS writes, {keys} distinct keys, 256 in flight"),
+            rate,
+            "writes/s".into(),
+            None,
+        ));
+    }
+    report.insert("consume_ack_ceiling".into(), json!(consume));
+    report.insert("kv_cas_ceiling".into(), json!(kv_ceilings));
+    eprintln!("ceilings measured");
+
+    let mut catchups = serde_json::Map::new();
+    for (stream, keys, events) in [
+        ("K100", 100usize, o.events),
+        ("K10K", 10_000, o.events),
+        ("K1M", o.million, o.million),
+    ] {
+        for reducer in ["latest", "merge", "counter"] {
+            if !wanted(&format!("{reducer}/{keys}")) {
+                continue;
+            }
+            let mut rates = Vec::new();
+            let mut rss = Vec::new();
+            let mut store = 0.0;
+            for run in 0..o.runs {
+                let bucket = format!("b{keys}{reducer}{run}");
+                let c = catchup(&server, &js, stream, reducer, Some(&bucket), events).await;
+                rates.push(c.rate);
+                rss.push(c.rss_mib);
+                store = c.store_mib;
+            }
+            let rate = median(rates);
+            let rss = rss.iter().copied().fold(0.0, f64::max);
+            let (ceiling, against) = if keys <= 100 {
+                (consume, "consume+ack")
+            } else {
+                (kv_ceilings[&keys], "KV CAS")
+            };
+            rows.push((
+                format!("catch-up {reducer}, {keys} keys, {events} events, redb + KV (peak RSS {rss:.0} MiB, store {store:.0} MiB)"),
+                rate,
+                format!("events/s vs {against}"),
+                Some(rate / ceiling),
+            ));
+            catchups.insert(
+                format!("{reducer}/{keys}"),
+                json!({"events_per_s": rate, "ratio": rate / ceiling,
+                "ratio_to": against, "peak_rss_mib": rss, "store_mib": store, "events": events}),
+            );
+        }
+    }
+    let mut store_only = Vec::new();
+    for _ in 0..if wanted("store-only") { o.runs } else { 0 } {
+        store_only.push(
+            catchup(&server, &js, "K10K", "latest", None, o.events)
+                .await
+                .rate,
+        );
+    }
+    let store_only = if store_only.is_empty() {
+        0.0
+    } else {
+        median(store_only)
+    };
+    rows.push((
+        "catch-up latest, 10000 keys, redb only (no KV)".into(),
+        store_only,
+        "events/s vs consume+ack".into(),
+        Some(store_only / consume),
+    ));
+    catchups.insert(
+        "latest/10000/store-only".into(),
+        json!({"events_per_s": store_only, "ratio": store_only / consume}),
+    );
+    report.insert("catch_up".into(), Value::Object(catchups));
+    eprintln!("catch-ups measured");
+
+    if o.only
+        .as_ref()
+        .is_some_and(|only| !"steady".contains(only.as_str()))
+    {
+        print_rows(&rows);
+        return;
+    }
+    let s = steady(&server, &js, o.steady_secs, o.steady_rate).await;
+    rows.push((
+        format!(
+            "steady {} events/s, {} s: publish → KV visible p50",
+            o.steady_rate, o.steady_secs
+        ),
+        s.p50_ms,
+        "ms".into(),
+        None,
+    ));
+    rows.push(("steady: p99".into(), s.p99_ms, "ms".into(), None));
+    rows.push(("steady: p99.9".into(), s.p999_ms, "ms".into(), None));
+    rows.push((
+        "steady: max lag (sampled each second)".into(),
+        s.max_lag as f64,
+        "messages".into(),
+        None,
+    ));
+    rows.push((
+        format!(
+            "steady: RSS first / last / max = {:.0} / {:.0} / {:.0}",
+            s.rss_first_mib, s.rss_last_mib, s.rss_max_mib
+        ),
+        s.rss_max_mib,
+        "MiB".into(),
+        None,
+    ));
+    report.insert("steady".into(), json!({"rate": o.steady_rate, "secs": o.steady_secs, "p50_ms": s.p50_ms,
+        "p99_ms": s.p99_ms, "p999_ms": s.p999_ms, "max_lag": s.max_lag, "latencies": s.seen,
+        "rss_first_mib": s.rss_first_mib, "rss_last_mib": s.rss_last_mib, "rss_max_mib": s.rss_max_mib}));
+
+    print_rows(&rows);
+    report.insert("runs".into(), json!(o.runs));
+    report.insert("events".into(), json!(o.events));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&o.out);
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&Value::Object(report)).unwrap(),
+    )
+    .unwrap();
+    println!("\nwritten to {}", path.display());
+}
