@@ -11,7 +11,6 @@
 //! as its release binary in a child process, so its peak RSS is its own.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::collections::VecDeque;
@@ -200,7 +199,7 @@ async fn catchup(
     let name = format!("p{}", now_us());
     let projection = format!(
         "[[projection]]\nname = \"{name}\"\nstream = \"{stream}\"\nkey = \"{{data.k}}\"\nreducer = \"{reducer}\"\n\
-         {sum}{bucket}batch = 4096\nmax_ack_pending = 16384\ndedupe_window = \"10m\"\n"
+         {sum}{bucket}batch = 10000\nmax_ack_pending = 50000\ndedupe_window = \"10m\"\n"
     );
     let port = common::free_port();
     let config = common::write_config(server, dir.path(), port, &projection);

@@ -461,7 +461,9 @@ impl Source {
         let mut bytes = first.payload.len();
         let mut batch: Vec<Incoming> = Incoming::pulled(first).into_iter().collect();
         while batch.len() < batch_max && bytes < bytes_max {
-            match stream.next().now_or_never() {
+            // Unconstrained: tokio's cooperative budget (128 polls per task turn) would
+            // otherwise report an empty buffer and cut every batch at about 120 messages.
+            match tokio::task::unconstrained(stream.next()).now_or_never() {
                 Some(Some(Ok(message))) => {
                     bytes += message.payload.len();
                     batch.extend(Incoming::pulled(message));

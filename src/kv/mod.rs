@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, kv};
@@ -21,8 +20,6 @@ use crate::store::{KvConfirmed, KvValue, KvWrite};
 const MAX_CONFLICTS: usize = 16;
 /// Revisions remembered between batches; beyond it, the store's hint (or a re-read) is used.
 const REVISION_CACHE: usize = 200_000;
-/// How long one KV write may take before it counts as unavailable.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The kinds of KV write failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,14 +175,9 @@ impl KvWriter {
                 .js
                 .publish_with_headers(subject.clone(), headers, write.payload.clone())
                 .await;
+            // The ack future times out on its own (the context's request timeout).
             let acked = match sent {
-                Ok(ack) => tokio::time::timeout(WRITE_TIMEOUT, ack.into_future())
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(jetstream::context::PublishError::new(
-                            PublishErrorKind::TimedOut,
-                        ))
-                    }),
+                Ok(ack) => ack.await,
                 Err(err) => Err(err),
             };
             match acked {

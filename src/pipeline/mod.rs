@@ -11,6 +11,7 @@
 //! processed alone, and dead-lettered if it still cannot be applied.
 
 pub mod crash;
+mod effects;
 pub mod gap;
 mod status;
 
@@ -20,7 +21,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_nats::jetstream::{self, consumer::PullConsumer};
 
 use crate::consume::Incoming;
 use sha2::{Digest, Sha256};
@@ -29,18 +30,16 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::consume::{self, Fetched, Source};
 use crate::decode::{ErrorCode, Poison};
-use crate::dlq::DeadLetter;
-use crate::kv::{KvWriter, Written};
+use crate::kv::KvWriter;
 use crate::metrics::ProjectionMetrics;
 use crate::spec::{MessageView, Spec};
-use crate::store::{
-    Applied, DeadNote, Housekeeping, Item, KvWrite, Outcome, Position, Store, StoreErrorKind,
-};
+use crate::store::{Applied, Item, KvWrite, Outcome, Position, Store, StoreErrorKind};
+use effects::{Committed, Effects, Job};
 
 /// How long a fetch waits before the pipeline does idle work (samples, housekeeping).
 const IDLE: Duration = Duration::from_secs(1);
 /// KV writes awaiting their acks at once.
-const KV_IN_FLIGHT: usize = 256;
+const KV_IN_FLIGHT: usize = 1024;
 
 /// Why a pipeline stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +80,12 @@ pub struct Pipeline {
     metrics: ProjectionMetrics,
     status: Arc<StatusCell>,
     cancel: CancellationToken,
-    house: Housekeeping,
-    kv: Option<KvWriter>,
+    /// KV writes, dead letters and acks: shared with the sink task.
+    fx: Arc<Effects>,
+    /// Committed batches on their way to the sink (while running).
+    jobs: Option<tokio::sync::mpsc::Sender<Job>>,
     stream_created_ns: i128,
-    /// (highest seq, its publish ms) of recent batches: lower bounds for the ack floor's time.
-    recent: VecDeque<(u64, u64)>,
     last_sample: Option<Instant>,
-    last_applied_ms: u64,
     idle_rounds: u32,
     ready_max_lag: u64,
     options: Options,
@@ -108,6 +106,13 @@ impl Pipeline {
         cancel: CancellationToken,
         options: Options,
     ) -> Pipeline {
+        let fx = Arc::new(Effects::new(
+            spec.clone(),
+            js.clone(),
+            metrics.clone(),
+            status.clone(),
+            cancel.clone(),
+        ));
         Pipeline {
             spec,
             store,
@@ -115,12 +120,10 @@ impl Pipeline {
             metrics,
             status,
             cancel,
-            house: Housekeeping::default(),
-            kv: None,
+            fx,
+            jobs: None,
             stream_created_ns: 0,
-            recent: VecDeque::new(),
             last_sample: None,
-            last_applied_ms: 0,
             idle_rounds: 0,
             ready_max_lag: options.ready_max_lag,
             options,
@@ -148,6 +151,27 @@ impl Pipeline {
                 s.failure = None;
             });
             info!("projection bound and running");
+            let (jobs, queue) = tokio::sync::mpsc::channel(effects::QUEUED_BATCHES);
+            self.jobs = Some(jobs);
+            let sink = tokio::spawn(effects::sink(self.fx.clone(), queue).in_current_span());
+            let looped = self.run_bound(consumer).await;
+            // Whatever happened, batches already committed are completed (KV, DLQ, acks).
+            self.jobs = None;
+            if let Err(err) = sink.await {
+                error!(error = %err, "the KV and ack task failed");
+            }
+            looped?;
+            self.housekeep().await?;
+            info!("projection drained");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The loop of a bound projection, until cancelled (or failed closed).
+    async fn run_bound(&mut self, consumer: PullConsumer) -> Result<(), PipelineError> {
+        {
             let c = &self.spec.config;
             let idle = IDLE.min(c.lag_sample_interval);
             let mut source = Source::new(consumer, c.batch, c.batch_bytes, idle);
@@ -202,28 +226,28 @@ impl Pipeline {
                     break;
                 }
             }
-            self.housekeep().await?;
-            info!("projection drained");
             Ok(())
         }
-        .instrument(span)
-        .await
     }
 
     /// Sleeps unless cancelled; returns false when cancelled.
     async fn pause(&self, duration: Duration) -> bool {
-        tokio::select! {
-            _ = self.cancel.cancelled() => false,
-            _ = tokio::time::sleep(duration) => true,
-        }
+        self.fx.pause(duration).await
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let list = &self.spec.config.backoff;
-        list.get(attempt as usize)
-            .or(list.last())
-            .copied()
-            .unwrap_or(Duration::from_secs(1))
+        self.fx.backoff(attempt)
+    }
+
+    /// Waits until the sink completed every batch sent so far.
+    async fn drain_sink(&self) {
+        let Some(jobs) = &self.jobs else {
+            return;
+        };
+        let (done, completed) = tokio::sync::oneshot::channel();
+        if jobs.send(Job::Barrier(done)).await.is_ok() {
+            let _ = completed.await;
+        }
     }
 
     /// Binds the stream, KV bucket, DLQ stream and consumer, retrying until it works or the
@@ -252,7 +276,12 @@ impl Pipeline {
         self.stream = Some(stream.clone());
         if let Some(kv) = consume::ensure_kv(&self.js, &self.spec).await? {
             let bucket = self.spec.kv_bucket().unwrap_or_default();
-            self.kv = Some(KvWriter::new(self.js.clone(), kv, &bucket, KV_IN_FLIGHT));
+            if self.fx.kv.get().is_none() {
+                let _ = self
+                    .fx
+                    .kv
+                    .set(KvWriter::new(self.js.clone(), kv, &bucket, KV_IN_FLIGHT));
+            }
         }
         consume::ensure_dlq_stream(&self.js, &self.spec).await?;
         let checkpoint = self
@@ -289,7 +318,7 @@ impl Pipeline {
             }
             None => checkpoint,
         };
-        self.last_applied_ms = checkpoint.last_publish_ms;
+        self.fx.set_last_applied_ms(checkpoint.last_publish_ms);
         self.metrics.last_applied.set(checkpoint.last_seq as i64);
         self.status
             .update(|s| s.last_applied_seq = checkpoint.last_seq);
@@ -438,7 +467,7 @@ impl Pipeline {
     /// Writes every outbox entry to KV before anything else (startup). Returns false when
     /// cancelled first.
     async fn flush_outbox(&mut self) -> Result<bool, PipelineError> {
-        let Some(kv) = &self.kv else {
+        let Some(kv) = self.fx.kv.get() else {
             return Ok(true);
         };
         let (name, version) = (self.spec.config.name.clone(), self.spec.config.version);
@@ -474,10 +503,8 @@ impl Pipeline {
         let mut attempt = 0;
         loop {
             let (done, failed, stats) = kv.write_all(&pending).await;
-            self.count_kv(stats);
-            self.house
-                .kv_confirmed
-                .extend(done.into_iter().map(confirmed));
+            self.fx.count_kv(stats);
+            self.fx.confirm(done);
             if failed.is_empty() {
                 break;
             }
@@ -494,19 +521,12 @@ impl Pipeline {
         Ok(true)
     }
 
-    fn count_kv(&self, stats: crate::kv::WriteStats) {
-        self.metrics.kv_ok.inc_by(stats.ok);
-        self.metrics.kv_conflict.inc_by(stats.conflicts);
-        self.metrics.kv_superseded.inc_by(stats.superseded);
-        self.metrics.kv_error.inc_by(stats.errors);
-    }
-
     /// Folds pending confirmations into the store when there is no batch to carry them.
     async fn housekeep(&mut self) -> Result<(), PipelineError> {
-        if self.house.is_empty() {
+        if self.fx.house_is_empty() {
             return Ok(());
         }
-        let house = std::mem::take(&mut self.house);
+        let house = self.fx.take_house();
         let (store, spec) = (self.store.clone(), self.spec.clone());
         let kept = house.clone();
         let result = tokio::task::spawn_blocking(move || store.housekeep(&spec, &house))
@@ -523,7 +543,7 @@ impl Pipeline {
             }
             Err(err) => {
                 warn!(error = %err, "store housekeeping failed; will retry");
-                self.house = kept;
+                self.fx.restore_house(kept);
                 let _ = self.store.reopen();
                 Ok(())
             }
@@ -544,15 +564,7 @@ impl Pipeline {
         let (pending, ack_pending) = (info.num_pending, info.num_ack_pending as u64);
         let floor = info.ack_floor.stream_sequence;
         if floor > 0 {
-            while self.recent.len() > 1 && self.recent.get(1).is_some_and(|(s, _)| *s <= floor) {
-                self.recent.pop_front();
-            }
-            let floor_ms = self
-                .recent
-                .front()
-                .filter(|(s, _)| *s <= floor)
-                .map_or(0, |(_, ms)| *ms);
-            self.house.ack_floor = Some((floor, floor_ms));
+            self.fx.note_ack_floor(floor);
         }
         let Some(mut stream) = self.stream.clone() else {
             return Ok(());
@@ -602,7 +614,7 @@ impl Pipeline {
                         .lag_seconds
                         .set(age_seconds(next[0].publish_ms));
                 }
-                _ => self.set_lag_seconds(lag),
+                _ => self.fx.set_lag_seconds(lag),
             }
         }
         let status = {
@@ -643,17 +655,6 @@ impl Pipeline {
         Some(last)
     }
 
-    /// Between samples: with events pending, the oldest unapplied one was published after the
-    /// last applied one, so its age is at most the last applied one's.
-    fn set_lag_seconds(&self, lag: u64) {
-        let seconds = if lag == 0 || self.last_applied_ms == 0 {
-            0.0
-        } else {
-            age_seconds(self.last_applied_ms)
-        };
-        self.metrics.lag_seconds.set(seconds);
-    }
-
     /// Reads back, in stream order, the range the durable delivered to an earlier subscription
     /// (a previous process, or a dropped pull) but that is not acked yet, and applies it before
     /// anything newer. Without this, those messages would be redelivered only after `ack_wait`,
@@ -661,6 +662,8 @@ impl Pipeline {
     /// late redeliveries are then recognized as duplicates and acked. Returns false when
     /// cancelled.
     async fn recover(&mut self, consumer: &mut PullConsumer) -> Result<bool, PipelineError> {
+        // Batches still in the sink are not acked yet: complete them first.
+        self.drain_sink().await;
         let info = match consumer.info().await {
             Ok(info) => info.clone(),
             Err(err) => {
@@ -804,12 +807,20 @@ impl Pipeline {
                 span.record("first_seq", first.seq());
                 span.record("last_seq", p.seq);
             }
-            let house = self.house.clone();
+            let house = self.fx.take_house();
             let (store, spec) = (self.store.clone(), self.spec.clone());
             let result = tokio::task::spawn_blocking(move || {
-                store.apply(&spec, items, &house, position.as_ref())
+                let applied = store.apply(&spec, items, &house, position.as_ref());
+                (applied, house)
             })
             .await;
+            let result = result.map(|(applied, house)| {
+                // Folded in only if the transaction committed.
+                if applied.is_err() {
+                    self.fx.restore_house(house);
+                }
+                applied
+            });
             match result {
                 Ok(Ok(applied)) => break applied,
                 // Store calls catch panics (and reducer panics are refusals), so a failed
@@ -833,12 +844,13 @@ impl Pipeline {
                                 ErrorCode::StoreUnavailable,
                                 format!("the store failed on the last delivery: {err}"),
                             );
-                            self.dead_letter_all(&messages, poison).await?;
+                            self.drain_sink().await;
+                            self.fx.dead_letter_all(&messages, poison).await;
                             return Ok(());
                         }
                         let reason = format!("store unavailable: {err}");
                         error!(parent: &span, error = %err, attempt, "store write failed; holding the batch and retrying");
-                        if !self.hold(&messages, reason, attempt).await {
+                        if !self.fx.hold(&[&messages], reason, attempt).await {
                             return Ok(());
                         }
                         if let Err(reopen) = self.store.reopen() {
@@ -849,8 +861,6 @@ impl Pipeline {
                 },
             }
         };
-        // The batch's housekeeping is now folded into the store.
-        self.house = Housekeeping::default();
         crash::point(crash::AFTER_COMMIT);
 
         if let Some(described) = &described {
@@ -864,165 +874,33 @@ impl Pipeline {
             }
         }
         let mut poisoned = Vec::new();
-        for (m, outcome) in messages.iter().zip(&applied.outcomes) {
+        for (index, outcome) in applied.outcomes.into_iter().enumerate() {
             match outcome {
                 Outcome::Applied => self.metrics.applied.inc(),
                 Outcome::Duplicate | Outcome::AlreadyDead => self.metrics.duplicate.inc(),
                 Outcome::StaleEpoch => self.metrics.stale_epoch.inc(),
-                Outcome::Poison(poison) => poisoned.push((m, poison.clone())),
+                Outcome::Poison(poison) => poisoned.push((index, poison)),
             }
         }
-
-        // KV first: every key this batch changed, compare-and-set from the committed state.
-        if !self.write_kv(&messages, applied.kv_writes).await {
-            return Ok(());
-        }
-        crash::point(crash::AFTER_KV);
-
-        // Dead letters, each acknowledged by the DLQ stream before its original is acked.
-        for (m, poison) in poisoned {
-            let letter = self.letter(m, poison);
-            if !self.publish_dead_letter(&letter, &messages).await {
-                return Ok(());
-            }
-        }
-
-        consume::ack_all(&messages, AckKind::Ack).await;
-
-        let last = self.house.kv_confirmed.len() as u64;
-        let outbox = applied.outbox_len.saturating_sub(last);
-        self.metrics.kv_outbox.set(outbox as i64);
-        self.metrics.batch_size.observe(messages.len() as f64);
-        self.metrics
-            .batch_duration
-            .observe(started.elapsed().as_secs_f64());
-        if let Some((seq, ms)) = messages.iter().map(|m| (m.seq, m.publish_ms)).max() {
-            self.recent.push_back((seq, ms));
-            if self.recent.len() > 4096 {
-                self.recent.pop_front();
-            }
-            self.last_applied_ms = self.last_applied_ms.max(ms);
-            let previous = self.status.get().last_applied_seq;
-            let seq = seq.max(previous);
-            self.metrics.last_applied.set(seq as i64);
-            let pending = messages.last().map_or(0, |m| m.pending);
-            self.metrics.lag_messages.set(pending as i64);
-            self.set_lag_seconds(pending);
-            self.status.update(|s| {
-                s.last_applied_seq = seq;
-                s.kv_outbox = outbox;
-                s.failure = None;
-                s.pending = pending;
-            });
-        }
-        debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch done");
-        Ok(())
-    }
-
-    /// Keeps held messages alive and waits before the next attempt. Returns false when the
-    /// pipeline was cancelled meanwhile (the messages are then NAKed for a prompt redelivery).
-    async fn hold(&self, messages: &[Incoming], reason: String, attempt: u32) -> bool {
-        self.status.update(|s| s.failure = Some(reason));
-        self.metrics.retried.inc_by(messages.len() as u64);
-        self.metrics.ready.set(0);
-        consume::ack_all(messages, AckKind::Progress).await;
-        let wait = self.backoff(attempt).min(self.spec.config.ack_wait / 2);
-        if self.pause(wait).await {
-            true
-        } else {
-            consume::ack_all(messages, AckKind::Nak(None)).await;
-            false
-        }
-    }
-
-    async fn write_kv(&mut self, messages: &[Incoming], writes: Vec<KvWrite>) -> bool {
-        let Some(kv) = &self.kv else {
-            return true;
+        debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
+        let committed = Committed {
+            messages,
+            kv_writes: applied.kv_writes,
+            poisoned,
+            outbox_len: applied.outbox_len,
+            started,
         };
-        let mut pending = writes;
-        let mut attempt = 0;
-        while !pending.is_empty() {
-            let (done, failed, stats) = kv.write_all(&pending).await;
-            self.count_kv(stats);
-            self.house
-                .kv_confirmed
-                .extend(done.into_iter().map(confirmed));
-            if failed.is_empty() {
-                break;
-            }
-            let reason = format!("KV unavailable: {}", failed[0]);
-            warn!(
-                failed = failed.len(),
-                attempt, "{reason}; holding the batch and retrying"
-            );
-            pending.retain(|w| failed.iter().any(|f| f.key == w.key));
-            if !self.hold(messages, reason, attempt).await {
-                return false;
-            }
-            attempt += 1;
-        }
-        true
-    }
-
-    fn letter(&self, m: &Incoming, poison: Poison) -> DeadLetter {
-        DeadLetter {
-            seq: m.seq,
-            deliveries: m.delivered.max(0) as u64,
-            subject: m.subject.to_string(),
-            headers: m.headers.clone(),
-            payload: m.payload.clone(),
-            poison,
-        }
-    }
-
-    async fn publish_dead_letter(&mut self, letter: &DeadLetter, held: &[Incoming]) -> bool {
-        let mut attempt = 0;
-        loop {
-            match letter.publish(&self.js, &self.spec).await {
-                Ok(()) => {
-                    let correlation_id =
-                        crate::decode::correlation_id(letter.headers.as_ref(), None);
-                    warn!(stream_seq = letter.seq, subject = %letter.subject,
-                        error_code = letter.poison.code.as_str(), outcome = "dead_lettered",
-                        correlation_id = correlation_id.as_deref().unwrap_or(""),
-                        reason = %letter.poison.reason, "event dead-lettered");
-                    self.metrics.dead_letter(letter.poison.code);
-                    self.house.dead_published.push((
-                        letter.seq,
-                        DeadNote {
-                            code: letter.poison.code.to_string(),
-                            reason: letter.poison.reason.clone(),
-                            subject: letter.subject.clone(),
-                        },
-                    ));
-                    return true;
-                }
-                Err(err) => {
-                    let reason = format!("DLQ unavailable: {err}");
-                    warn!(attempt, "{reason}; holding the batch and retrying");
-                    if !self.hold(held, reason, attempt).await {
-                        return false;
-                    }
-                    attempt += 1;
-                }
+        // The sink writes KV, dead-letters and acks, in commit order, while the next batch is
+        // applied.
+        match &self.jobs {
+            Some(jobs) => jobs.send(Job::Batch(committed)).await.map_err(|_| {
+                PipelineError::Fatal("the KV and ack task stopped unexpectedly".into())
+            }),
+            None => {
+                self.fx.complete(vec![committed]).await;
+                Ok(())
             }
         }
-    }
-
-    /// Dead-letters every message of a segment (last delivery, reducer panic) and acks them.
-    async fn dead_letter_all(
-        &mut self,
-        messages: &[Incoming],
-        poison: Poison,
-    ) -> Result<(), PipelineError> {
-        for m in messages {
-            let letter = self.letter(m, poison.clone());
-            if !self.publish_dead_letter(&letter, messages).await {
-                return Ok(());
-            }
-        }
-        consume::ack_all(messages, AckKind::Ack).await;
-        Ok(())
     }
 }
 
@@ -1078,10 +956,4 @@ enum Mode {
     Normal,
     /// One message on its last delivery: any failure dead-letters it.
     LastDelivery,
-}
-
-fn confirmed(written: Written) -> crate::store::KvConfirmed {
-    match written {
-        Written::Ok(c) | Written::Superseded(c) => c,
-    }
 }

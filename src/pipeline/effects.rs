@@ -1,0 +1,492 @@
+//! The second half of a projection's loop: KV writes, dead letters and acks of batches whose
+//! effect is already committed to the store. It runs as its own task beside the first half
+//! (fetch → decode → apply), so batch N+1 is applied to redb while batch N's KV writes are in
+//! flight.
+//!
+//! Invariants kept here:
+//! - batches are completed in commit order, one group at a time: a key's KV writes never
+//!   overtake each other;
+//! - a group's KV writes are coalesced per key to the newest committed state (KV skips the
+//!   intermediate values, never goes backwards: the store committed them in sequence order);
+//! - a message is acked only after every KV write and dead letter of its group is
+//!   acknowledged; infrastructure failures hold the whole group (in-progress acks) and retry.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{StatusCell, age_seconds, crash};
+use crate::consume::{self, Incoming};
+use crate::decode::Poison;
+use crate::dlq::DeadLetter;
+use crate::kv::{KvWriter, Written};
+use crate::metrics::ProjectionMetrics;
+use crate::spec::Spec;
+use crate::store::{DeadNote, Housekeeping, KvConfirmed, KvWrite};
+
+/// Messages completed together at most (several committed batches coalesced into one round of
+/// KV writes and acks). When KV is the bottleneck the queue grows, and so does coalescing: a
+/// hot key is written once per group, not once per batch.
+const GROUP_MESSAGES: usize = 65_536;
+/// Committed batches queued for the sink beyond the one it is completing. Memory stays bounded
+/// by the consumer's `max_ack_pending`: nothing is delivered beyond it until acks come back.
+pub(super) const QUEUED_BATCHES: usize = 64;
+
+/// What both halves of the loop share.
+pub(super) struct Effects {
+    pub spec: Arc<Spec>,
+    pub js: jetstream::Context,
+    pub metrics: ProjectionMetrics,
+    pub status: Arc<StatusCell>,
+    pub cancel: CancellationToken,
+    /// The KV writer, once the bucket is bound (none for a store-only projection).
+    pub kv: OnceLock<KvWriter>,
+    shared: Mutex<Shared>,
+}
+
+/// Mutable state both halves touch, behind one short-held lock.
+#[derive(Default)]
+struct Shared {
+    /// Confirmations not yet folded into the store (by the next transaction).
+    house: Housekeeping,
+    /// (highest seq, its publish ms) of recently acked batches: lower bounds for the time of
+    /// the consumer's ack floor.
+    recent: VecDeque<(u64, u64)>,
+    /// Publish time of the newest acked event.
+    last_applied_ms: u64,
+}
+
+/// A batch whose effect is committed to the store, on its way to KV, the DLQ and the ack.
+pub(super) struct Committed {
+    /// The messages, in delivery order.
+    pub messages: Vec<Incoming>,
+    /// One write per key the batch changed, from the committed state.
+    pub kv_writes: Vec<KvWrite>,
+    /// Poison events (index into `messages`) to dead-letter before the ack.
+    pub poisoned: Vec<(usize, Poison)>,
+    /// The outbox size right after the commit.
+    pub outbox_len: u64,
+    /// When the batch was fetched.
+    pub started: Instant,
+}
+
+/// Work for the sink.
+pub(super) enum Job {
+    /// Complete a committed batch.
+    Batch(Committed),
+    /// Reply once everything sent before is completed.
+    Barrier(oneshot::Sender<()>),
+}
+
+impl Effects {
+    pub fn new(
+        spec: Arc<Spec>,
+        js: jetstream::Context,
+        metrics: ProjectionMetrics,
+        status: Arc<StatusCell>,
+        cancel: CancellationToken,
+    ) -> Effects {
+        Effects {
+            spec,
+            js,
+            metrics,
+            status,
+            cancel,
+            kv: OnceLock::new(),
+            shared: Mutex::new(Shared::default()),
+        }
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the confirmations to fold into the next store transaction.
+    pub fn take_house(&self) -> Housekeeping {
+        std::mem::take(&mut self.shared().house)
+    }
+
+    /// Puts back confirmations a failed transaction did not fold in.
+    pub fn restore_house(&self, house: Housekeeping) {
+        let mut shared = self.shared();
+        let newer = std::mem::replace(&mut shared.house, house);
+        shared.house.kv_confirmed.extend(newer.kv_confirmed);
+        shared.house.dead_published.extend(newer.dead_published);
+        shared.house.ack_floor = shared.house.ack_floor.max(newer.ack_floor);
+    }
+
+    /// Whether confirmations are waiting to be folded in.
+    pub fn house_is_empty(&self) -> bool {
+        self.shared().house.is_empty()
+    }
+
+    /// Records the consumer's ack floor, with the newest publish time known to be at or below
+    /// it.
+    pub fn note_ack_floor(&self, floor: u64) {
+        let mut shared = self.shared();
+        while shared.recent.len() > 1 && shared.recent.get(1).is_some_and(|(s, _)| *s <= floor) {
+            shared.recent.pop_front();
+        }
+        let floor_ms = shared
+            .recent
+            .front()
+            .filter(|(s, _)| *s <= floor)
+            .map_or(0, |(_, ms)| *ms);
+        shared.house.ack_floor = Some((floor, floor_ms));
+    }
+
+    /// Sets the publish time of the newest applied event (at bind, from the checkpoint).
+    pub fn set_last_applied_ms(&self, ms: u64) {
+        self.shared().last_applied_ms = ms;
+    }
+
+    /// Between samples: with events pending, the oldest unapplied one was published after the
+    /// last applied one, so its age is at most the last applied one's.
+    pub fn set_lag_seconds(&self, lag: u64) {
+        let last = self.shared().last_applied_ms;
+        let seconds = if lag == 0 || last == 0 {
+            0.0
+        } else {
+            age_seconds(last)
+        };
+        self.metrics.lag_seconds.set(seconds);
+    }
+
+    /// Sleeps unless cancelled; returns false when cancelled.
+    pub async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+
+    /// The wait before retry number `attempt`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let list = &self.spec.config.backoff;
+        list.get(attempt as usize)
+            .or(list.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// Keeps held messages alive and waits before the next attempt. Returns false when the
+    /// pipeline was cancelled meanwhile (the messages are then NAKed for a prompt redelivery).
+    pub async fn hold(&self, held: &[&[Incoming]], reason: String, attempt: u32) -> bool {
+        self.status.update(|s| s.failure = Some(reason));
+        let count: usize = held.iter().map(|m| m.len()).sum();
+        self.metrics.retried.inc_by(count as u64);
+        self.metrics.ready.set(0);
+        for messages in held {
+            consume::ack_all(messages, AckKind::Progress).await;
+        }
+        let wait = self.backoff(attempt).min(self.spec.config.ack_wait / 2);
+        if self.pause(wait).await {
+            true
+        } else {
+            for messages in held {
+                consume::ack_all(messages, AckKind::Nak(None)).await;
+            }
+            false
+        }
+    }
+
+    /// Counts one round of KV writes.
+    pub fn count_kv(&self, stats: crate::kv::WriteStats) {
+        self.metrics.kv_ok.inc_by(stats.ok);
+        self.metrics.kv_conflict.inc_by(stats.conflicts);
+        self.metrics.kv_superseded.inc_by(stats.superseded);
+        self.metrics.kv_error.inc_by(stats.errors);
+    }
+
+    /// Records KV confirmations for the next store transaction.
+    pub fn confirm(&self, done: Vec<Written>) {
+        let mut shared = self.shared();
+        shared
+            .house
+            .kv_confirmed
+            .extend(done.into_iter().map(confirmed));
+    }
+
+    /// Writes every record to KV, holding `held` while KV is unavailable. Returns false when
+    /// cancelled first.
+    pub async fn write_kv(&self, held: &[&[Incoming]], writes: Vec<KvWrite>) -> bool {
+        let Some(kv) = self.kv.get() else {
+            return true;
+        };
+        let mut pending = writes;
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let (done, failed, stats) = kv.write_all(&pending).await;
+            self.count_kv(stats);
+            self.confirm(done);
+            if failed.is_empty() {
+                break;
+            }
+            let reason = format!("KV unavailable: {}", failed[0]);
+            warn!(
+                failed = failed.len(),
+                attempt, "{reason}; holding the batch and retrying"
+            );
+            pending.retain(|w| failed.iter().any(|f| f.key == w.key));
+            if !self.hold(held, reason, attempt).await {
+                return false;
+            }
+            attempt += 1;
+        }
+        true
+    }
+
+    /// The dead letter of `m`.
+    pub fn letter(&self, m: &Incoming, poison: Poison) -> DeadLetter {
+        DeadLetter {
+            seq: m.seq,
+            deliveries: m.delivered.max(0) as u64,
+            subject: m.subject.to_string(),
+            headers: m.headers.clone(),
+            payload: m.payload.clone(),
+            poison,
+        }
+    }
+
+    /// Publishes a dead letter (JetStream ack awaited), holding `held` while the DLQ stream is
+    /// unavailable. Returns false when cancelled first.
+    pub async fn publish_dead_letter(&self, letter: &DeadLetter, held: &[&[Incoming]]) -> bool {
+        let mut attempt = 0;
+        loop {
+            match letter.publish(&self.js, &self.spec).await {
+                Ok(()) => {
+                    let correlation_id =
+                        crate::decode::correlation_id(letter.headers.as_ref(), None);
+                    warn!(stream_seq = letter.seq, subject = %letter.subject,
+                        error_code = letter.poison.code.as_str(), outcome = "dead_lettered",
+                        correlation_id = correlation_id.as_deref().unwrap_or(""),
+                        reason = %letter.poison.reason, "event dead-lettered");
+                    self.metrics.dead_letter(letter.poison.code);
+                    self.shared().house.dead_published.push((
+                        letter.seq,
+                        DeadNote {
+                            code: letter.poison.code.to_string(),
+                            reason: letter.poison.reason.clone(),
+                            subject: letter.subject.clone(),
+                        },
+                    ));
+                    return true;
+                }
+                Err(err) => {
+                    let reason = format!("DLQ unavailable: {err}");
+                    warn!(attempt, "{reason}; holding the batch and retrying");
+                    if !self.hold(held, reason, attempt).await {
+                        return false;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Dead-letters every message of a segment (last delivery, store failure) and acks them.
+    pub async fn dead_letter_all(&self, messages: &[Incoming], poison: Poison) {
+        for m in messages {
+            let letter = self.letter(m, poison.clone());
+            if !self.publish_dead_letter(&letter, &[messages]).await {
+                return;
+            }
+        }
+        consume::ack_all(messages, AckKind::Ack).await;
+    }
+
+    /// Completes a group of committed batches: KV, then dead letters, then acks. Returns false
+    /// when cancelled while holding (the group is then NAKed).
+    pub async fn complete(&self, mut group: Vec<Committed>) -> bool {
+        let writes = coalesce(group.iter_mut().map(|c| std::mem::take(&mut c.kv_writes)));
+        let held: Vec<&[Incoming]> = group.iter().map(|c| c.messages.as_slice()).collect();
+        let started = Instant::now();
+        let (messages, kv_writes) = (held.iter().map(|h| h.len()).sum::<usize>(), writes.len());
+        // KV first: every key the group changed, compare-and-set from the committed state.
+        if !self.write_kv(&held, writes).await {
+            return false;
+        }
+        let kv_done = started.elapsed();
+        crash::point(crash::AFTER_KV);
+        // Dead letters, each acknowledged by the DLQ stream before its original is acked.
+        for c in &group {
+            for (index, poison) in &c.poisoned {
+                let Some(m) = c.messages.get(*index) else {
+                    continue;
+                };
+                let letter = self.letter(m, poison.clone());
+                if !self.publish_dead_letter(&letter, &held).await {
+                    return false;
+                }
+            }
+        }
+        for c in &group {
+            consume::ack_all(&c.messages, AckKind::Ack).await;
+        }
+        let acked = started.elapsed();
+        for c in &group {
+            self.acked(c);
+        }
+        debug!(
+            batches = group.len(),
+            messages,
+            kv_writes,
+            kv_ms = kv_done.as_millis() as u64,
+            total_ms = acked.as_millis() as u64,
+            "group completed"
+        );
+        true
+    }
+
+    /// Bookkeeping once a batch is acked: metrics and status.
+    fn acked(&self, c: &Committed) {
+        let confirmed = self.shared().house.kv_confirmed.len() as u64;
+        let outbox = c.outbox_len.saturating_sub(confirmed);
+        self.metrics.kv_outbox.set(outbox as i64);
+        self.metrics.batch_size.observe(c.messages.len() as f64);
+        self.metrics
+            .batch_duration
+            .observe(c.started.elapsed().as_secs_f64());
+        let Some((seq, ms)) = c.messages.iter().map(|m| (m.seq, m.publish_ms)).max() else {
+            return;
+        };
+        {
+            let mut shared = self.shared();
+            shared.recent.push_back((seq, ms));
+            if shared.recent.len() > 4096 {
+                shared.recent.pop_front();
+            }
+            shared.last_applied_ms = shared.last_applied_ms.max(ms);
+        }
+        let previous = self.status.get().last_applied_seq;
+        let seq = seq.max(previous);
+        self.metrics.last_applied.set(seq as i64);
+        let pending = c.messages.last().map_or(0, |m| m.pending);
+        self.metrics.lag_messages.set(pending as i64);
+        self.set_lag_seconds(pending);
+        self.status.update(|s| {
+            s.last_applied_seq = seq;
+            s.kv_outbox = outbox;
+            s.failure = None;
+            s.pending = pending;
+        });
+    }
+}
+
+/// The sink task: completes committed batches in order, coalescing those already queued.
+/// After a cancelled hold it completes nothing more: what is left stays unacked and is
+/// redelivered to the next run (its effect is in the store and the outbox).
+pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
+    let mut stopped = false;
+    while let Some(job) = jobs.recv().await {
+        let first = match job {
+            Job::Barrier(done) => {
+                let _ = done.send(());
+                continue;
+            }
+            Job::Batch(batch) => batch,
+        };
+        let mut count = first.messages.len();
+        let mut group = vec![first];
+        let mut barrier = None;
+        while count < GROUP_MESSAGES {
+            match jobs.try_recv() {
+                Ok(Job::Batch(batch)) => {
+                    count += batch.messages.len();
+                    group.push(batch);
+                }
+                Ok(Job::Barrier(done)) => {
+                    barrier = Some(done);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !stopped {
+            stopped = !fx.complete(group).await;
+        }
+        if let Some(done) = barrier {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// One write per key: the newest committed state (highest sequence) of each.
+fn coalesce(batches: impl Iterator<Item = Vec<KvWrite>>) -> Vec<KvWrite> {
+    let mut out: Vec<KvWrite> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for writes in batches {
+        if out.is_empty() {
+            // The common case: one batch, already one write per key.
+            out = writes;
+            continue;
+        }
+        if index.is_empty() {
+            index = out
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (w.key.clone(), i))
+                .collect();
+        }
+        for write in writes {
+            match index.get(&write.key) {
+                Some(&i) => {
+                    if write.seq > out[i].seq {
+                        out[i] = write;
+                    }
+                }
+                None => {
+                    index.insert(write.key.clone(), out.len());
+                    out.push(write);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn confirmed(written: Written) -> KvConfirmed {
+    match written {
+        Written::Ok(c) | Written::Superseded(c) => c,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(key: &str, seq: u64) -> KvWrite {
+        KvWrite {
+            key: key.into(),
+            payload: bytes::Bytes::new(),
+            seq,
+            delete: false,
+            revision_hint: 0,
+        }
+    }
+
+    #[test]
+    fn coalescing_keeps_the_newest_write_of_each_key_in_first_touch_order() {
+        let merged = coalesce(
+            [
+                vec![write("a", 1), write("b", 2)],
+                vec![write("c", 3), write("a", 4)],
+                vec![write("b", 5)],
+            ]
+            .into_iter(),
+        );
+        let got: Vec<(&str, u64)> = merged.iter().map(|w| (w.key.as_str(), w.seq)).collect();
+        assert_eq!(got, [("a", 4), ("b", 5), ("c", 3)]);
+    }
+
+    #[test]
+    fn coalescing_never_replaces_a_newer_write_by_an_older_one() {
+        let merged = coalesce([vec![write("a", 9)], vec![write("a", 3)]].into_iter());
+        assert_eq!(merged[0].seq, 9);
+    }
+}
