@@ -307,18 +307,29 @@ struct Steady {
 
 /// Publishes at a fixed rate; a KV watcher measures publish → KV-visible latency.
 async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u64) -> Steady {
-    create_stream(js, "STEADY", &["steady.>"]).await;
+    // A fresh stream, bucket and projection per run.
+    let run = now_us();
+    let (stream, subject, bucket) = (
+        format!("STEADY{run}"),
+        format!("steady{run}.x"),
+        format!("steady{run}"),
+    );
+    create_stream(js, &stream, &[&format!("steady{run}.>")]).await;
     let dir = tempfile::tempdir().unwrap();
-    let projection = "[[projection]]\nname = \"steady\"\nstream = \"STEADY\"\nkey = \"{data.k}\"\nreducer = \"latest\"\nkv_bucket = \"steady\"\nlag_sample_interval = \"1s\"\n";
+    let projection = format!(
+        "[[projection]]\nname = \"steady\"\nstream = \"{stream}\"\nkey = \"{{data.k}}\"\nreducer = \"latest\"\n\
+         kv_bucket = \"{bucket}\"\nlag_sample_interval = \"1s\"\n"
+    );
+    let projection = projection.as_str();
     let config = common::write_config(server, dir.path(), 0, projection);
     let log = dir.path().join("log");
     let child = Child2::run(&config, &[], &log);
     let pid = child.child.id();
     common::eventually(Duration::from_secs(20), "the steady bucket", || async {
-        js.get_key_value("steady").await.is_ok()
+        js.get_key_value(&bucket).await.is_ok()
     })
     .await;
-    let kv = js.get_key_value("steady").await.unwrap();
+    let kv = js.get_key_value(&bucket).await.unwrap();
     let mut watch = kv.watch_all().await.unwrap();
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let watcher = tokio::spawn(async move {
@@ -350,7 +361,7 @@ async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u
             tokio::time::sleep(wait).await;
         }
         acks.push_back(
-            js.publish("steady.x", event(n, n % 1000).into())
+            js.publish(subject.clone(), event(n, n % 1000).into())
                 .await
                 .unwrap(),
         );
@@ -360,7 +371,7 @@ async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u
         if n % rate as usize == 0 {
             rss.push(rss_kib(pid, "VmRSS:") as f64 / 1024.0);
             if let Ok(info) = js
-                .get_stream("STEADY")
+                .get_stream(&stream)
                 .await
                 .unwrap()
                 .consumer_info("projector__steady_v1")
@@ -548,7 +559,27 @@ async fn main() {
         print_rows(&rows);
         return;
     }
-    let s = steady(&server, &js, o.steady_secs, o.steady_rate).await;
+    let mut runs = Vec::new();
+    for _ in 0..o.runs {
+        runs.push(steady(&server, &js, o.steady_secs, o.steady_rate).await);
+    }
+    let pick = |f: fn(&Steady) -> f64| median(runs.iter().map(f).collect());
+    let s = Steady {
+        p50_ms: pick(|s| s.p50_ms),
+        p99_ms: pick(|s| s.p99_ms),
+        p999_ms: pick(|s| s.p999_ms),
+        max_lag: runs.iter().map(|s| s.max_lag).max().unwrap_or(0),
+        rss_first_mib: runs[0].rss_first_mib,
+        rss_last_mib: runs[0].rss_last_mib,
+        rss_max_mib: runs.iter().map(|s| s.rss_max_mib).fold(0.0, f64::max),
+        seen: runs.iter().map(|s| s.seen).sum(),
+    };
+    eprintln!(
+        "steady runs (p50, p99, p99.9 ms): {:?}",
+        runs.iter()
+            .map(|s| (s.p50_ms, s.p99_ms, s.p999_ms))
+            .collect::<Vec<_>>()
+    );
     rows.push((
         format!(
             "steady {} events/s, {} s: publish → KV visible p50",

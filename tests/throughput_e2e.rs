@@ -1,0 +1,53 @@
+//! The shape of the fast path against a real nats-server (speed itself is measured by
+//! `benches/e2e.rs`, never by timed tests): a backlog is drained in full batches, and KV writes
+//! of a pipelined, coalesced catch-up still leave KV equal to the oracle.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// A backlog is fetched in batches near the configured size. (tokio's cooperative budget once
+/// cut every batch at about 120 messages, whatever `batch` said: one fsync per 120 events.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    let (events, oracle) = fixture();
+    let count = events.len() as f64;
+    publish_all(&js, events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 1000");
+    let projection = format!("{projection}max_ack_pending = 8000\n");
+    let config = write_config(&server, dir.path(), port, &projection);
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[], &log);
+    wait_drained(
+        &js,
+        "ORDERS",
+        "projector__orders_v1",
+        Duration::from_secs(90),
+    )
+    .await;
+    let labels = [("projection", "orders")];
+    eventually(
+        Duration::from_secs(10),
+        "every batch to be counted",
+        || async { metric(port, "projector_batch_size_sum", &labels).await == Some(count) },
+    )
+    .await;
+    let batches = metric(port, "projector_batch_size_count", &labels)
+        .await
+        .unwrap_or(0.0);
+    let mean = count / batches;
+    assert!(
+        mean >= 300.0,
+        "{count} backlogged events took {batches} batches (mean {mean:.0}, batch = 1000)\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(projector.terminate(), Some(0));
+    assert_fixture_model(&js, &dir.path().join("store.redb"), &oracle).await;
+}
