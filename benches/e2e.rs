@@ -197,12 +197,29 @@ async fn catchup(
         .map(|b| format!("kv_bucket = \"{b}\"\n"))
         .unwrap_or_default();
     let name = format!("p{}", now_us());
+    // The catch-up tuning the README recommends (BENCH_BATCH / BENCH_MAX_ACK_PENDING override).
+    let tuning = |var: &str, default: usize| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (batch, max_ack_pending) = (
+        tuning("BENCH_BATCH", 4096),
+        tuning("BENCH_MAX_ACK_PENDING", 16_384),
+    );
     let projection = format!(
         "[[projection]]\nname = \"{name}\"\nstream = \"{stream}\"\nkey = \"{{data.k}}\"\nreducer = \"{reducer}\"\n\
-         {sum}{bucket}batch = 10000\nmax_ack_pending = 50000\ndedupe_window = \"10m\"\n"
+         {sum}{bucket}batch = {batch}\nmax_ack_pending = {max_ack_pending}\ndedupe_window = \"10m\"\n"
     );
     let port = common::free_port();
     let config = common::write_config(server, dir.path(), port, &projection);
+    {
+        let mib = tuning("BENCH_CACHE_MIB", 32);
+        let text = std::fs::read_to_string(&config).unwrap();
+        let text = text.replace("[store]\n", &format!("[store]\ncache_mib = {mib}\n"));
+        std::fs::write(&config, text).unwrap();
+    }
     let log = dir.path().join("log");
     let child = Child2::run(&config, &[], &log);
     let pid = child.child.id();

@@ -85,6 +85,10 @@ pub struct Pipeline {
     /// Committed batches on their way to the sink (while running).
     jobs: Option<tokio::sync::mpsc::Sender<Job>>,
     stream_created_ns: i128,
+    /// The highest stream sequence whose outcome is settled in the store (committed) or the
+    /// DLQ. Set before any of those messages is acked, on this task, so the ack floor the
+    /// sampler reads can never legitimately pass it (the sink acks on its own task).
+    processed_seq: u64,
     last_sample: Option<Instant>,
     idle_rounds: u32,
     ready_max_lag: u64,
@@ -123,6 +127,7 @@ impl Pipeline {
             fx,
             jobs: None,
             stream_created_ns: 0,
+            processed_seq: 0,
             last_sample: None,
             idle_rounds: 0,
             ready_max_lag: options.ready_max_lag,
@@ -322,6 +327,7 @@ impl Pipeline {
         self.metrics.last_applied.set(checkpoint.last_seq as i64);
         self.status
             .update(|s| s.last_applied_seq = checkpoint.last_seq);
+        self.processed_seq = checkpoint.last_seq;
         // Continuity first: never bind (let alone apply) on top of a gap.
         let info = stream.cached_info();
         let observed = gap::Observed {
@@ -576,7 +582,7 @@ impl Pipeline {
                 return Ok(());
             }
         };
-        let last_applied = self.status.get().last_applied_seq;
+        let last_applied = self.processed_seq;
         let created = stream.cached_info().created.unix_timestamp_nanos();
         let running = crate::store::Checkpoint {
             stream: self.spec.config.stream.clone(),
@@ -845,6 +851,8 @@ impl Pipeline {
                                 format!("the store failed on the last delivery: {err}"),
                             );
                             self.drain_sink().await;
+                            let newest = messages.iter().map(|m| m.seq).max().unwrap_or(0);
+                            self.processed_seq = self.processed_seq.max(newest);
                             self.fx.dead_letter_all(&messages, poison).await;
                             return Ok(());
                         }
@@ -883,6 +891,8 @@ impl Pipeline {
             }
         }
         debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
+        let newest = messages.iter().map(|m| m.seq).max().unwrap_or(0);
+        self.processed_seq = self.processed_seq.max(newest);
         let committed = Committed {
             messages,
             kv_writes: applied.kv_writes,
