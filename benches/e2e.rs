@@ -32,6 +32,8 @@ struct Options {
     /// Runs only the catch-ups whose label (`latest/10000`, `store-only`) contains this, and
     /// skips the ceilings and the steady run (for profiling one case).
     only: Option<String>,
+    /// Measures the ceilings even with `--only` (for ratios).
+    with_ceilings: bool,
 }
 
 fn options() -> Options {
@@ -54,6 +56,7 @@ fn options() -> Options {
             .position(|a| a == "--out")
             .and_then(|i| args.get(i + 1).cloned())
             .unwrap_or_else(|| "bench-results/e2e.json".into()),
+        with_ceilings: args.iter().any(|a| a == "--with-ceilings"),
         only: args
             .iter()
             .position(|a| a == "--only")
@@ -472,7 +475,11 @@ async fn main() {
             .as_ref()
             .is_none_or(|only| label.contains(only.as_str()))
     };
-    let ceilings = if o.only.is_some() { 0 } else { o.runs };
+    let ceilings = if o.only.is_some() && !o.with_ceilings {
+        0
+    } else {
+        o.runs
+    };
     let mut consume_runs = vec![1.0];
     for _ in 0..ceilings {
         consume_runs.push(consume_ceiling(&js, "K10K", o.events).await);
