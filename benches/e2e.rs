@@ -323,6 +323,7 @@ struct Steady {
     rss_last_mib: f64,
     rss_max_mib: f64,
     seen: usize,
+    rss_per_minute: Vec<f64>,
 }
 
 /// Publishes at a fixed rate; a KV watcher measures publish → KV-visible latency.
@@ -425,6 +426,8 @@ async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u
         rss_last_mib: rss.last().copied().unwrap_or(0.0),
         rss_max_mib: rss.iter().copied().fold(0.0, f64::max),
         seen: latencies.len(),
+        // One RSS reading per minute (the first one at start): flat once the caches are full.
+        rss_per_minute: rss.iter().step_by(60).copied().collect(),
     }
 }
 
@@ -597,7 +600,9 @@ async fn main() {
         rss_last_mib: runs[0].rss_last_mib,
         rss_max_mib: runs.iter().map(|s| s.rss_max_mib).fold(0.0, f64::max),
         seen: runs.iter().map(|s| s.seen).sum(),
+        rss_per_minute: runs[0].rss_per_minute.clone(),
     };
+    eprintln!("steady RSS per minute (MiB): {:.0?}", s.rss_per_minute);
     eprintln!(
         "steady runs (p50, p99, p99.9 ms): {:?}",
         runs.iter()
@@ -632,7 +637,8 @@ async fn main() {
     ));
     report.insert("steady".into(), json!({"rate": o.steady_rate, "secs": o.steady_secs, "p50_ms": s.p50_ms,
         "p99_ms": s.p99_ms, "p999_ms": s.p999_ms, "max_lag": s.max_lag, "latencies": s.seen,
-        "rss_first_mib": s.rss_first_mib, "rss_last_mib": s.rss_last_mib, "rss_max_mib": s.rss_max_mib}));
+        "rss_first_mib": s.rss_first_mib, "rss_last_mib": s.rss_last_mib, "rss_max_mib": s.rss_max_mib,
+        "rss_per_minute_mib": s.rss_per_minute}));
 
     print_rows(&rows);
     report.insert("runs".into(), json!(o.runs));
