@@ -176,63 +176,61 @@ impl Pipeline {
 
     /// The loop of a bound projection, until cancelled (or failed closed).
     async fn run_bound(&mut self, consumer: PullConsumer) -> Result<(), PipelineError> {
-        {
-            let c = &self.spec.config;
-            let idle = IDLE.min(c.lag_sample_interval);
-            let mut source = Source::new(consumer, c.batch, c.batch_bytes, idle);
-            loop {
-                if source.rebound() && !self.recover(source.consumer()).await? {
-                    break;
-                }
-                let every = self.spec.config.lag_sample_interval;
-                if self.last_sample.is_none_or(|t| t.elapsed() >= every) {
-                    self.sample(source.consumer()).await?;
-                }
-                let interval = self.options.snapshot_interval;
-                if !interval.is_zero() && self.last_snapshot.elapsed() >= interval {
-                    self.last_snapshot = Instant::now();
-                    // Nothing applied since the last one: the same snapshot again is useless.
-                    let seq = self.status.get().last_applied_seq;
-                    if seq > self.last_snapshot_seq {
-                        self.last_snapshot_seq = seq;
-                        self.auto_snapshot().await;
-                    }
-                }
-                match source.next_batch(&self.cancel).await {
-                    Ok(Fetched::Shutdown) => break,
-                    Ok(Fetched::Idle) => {
-                        self.idle_rounds += 1;
-                        self.housekeep().await?;
-                        let status = self.status.get();
-                        if self.idle_rounds >= 3 && status.pending > 0 {
-                            warn!(
-                                pending = status.pending,
-                                "no message while the consumer has pending ones; re-binding"
-                            );
-                            source.rebind();
-                            self.metrics.rebinds.inc();
-                            self.idle_rounds = 0;
-                        }
-                    }
-                    Ok(Fetched::Batch(messages)) => {
-                        self.idle_rounds = 0;
-                        self.process(messages).await?;
-                    }
-                    Err(err) => {
-                        warn!(error = %err, "fetch failed");
-                        self.status
-                            .update(|s| s.failure = Some(format!("fetch failed: {err}")));
-                        if !self.pause(Duration::from_secs(1)).await {
-                            break;
-                        }
-                    }
-                }
-                if self.cancel.is_cancelled() {
-                    break;
+        let c = &self.spec.config;
+        let idle = IDLE.min(c.lag_sample_interval);
+        let mut source = Source::new(consumer, c.batch, c.batch_bytes, idle);
+        loop {
+            if source.rebound() && !self.recover(source.consumer()).await? {
+                break;
+            }
+            let every = self.spec.config.lag_sample_interval;
+            if self.last_sample.is_none_or(|t| t.elapsed() >= every) {
+                self.sample(source.consumer()).await?;
+            }
+            let interval = self.options.snapshot_interval;
+            if !interval.is_zero() && self.last_snapshot.elapsed() >= interval {
+                self.last_snapshot = Instant::now();
+                // Nothing applied since the last one: the same snapshot again is useless.
+                let seq = self.status.get().last_applied_seq;
+                if seq > self.last_snapshot_seq {
+                    self.last_snapshot_seq = seq;
+                    self.auto_snapshot().await;
                 }
             }
-            Ok(())
+            match source.next_batch(&self.cancel).await {
+                Ok(Fetched::Shutdown) => break,
+                Ok(Fetched::Idle) => {
+                    self.idle_rounds += 1;
+                    self.housekeep().await?;
+                    let status = self.status.get();
+                    if self.idle_rounds >= 3 && status.pending > 0 {
+                        warn!(
+                            pending = status.pending,
+                            "no message while the consumer has pending ones; re-binding"
+                        );
+                        source.rebind();
+                        self.metrics.rebinds.inc();
+                        self.idle_rounds = 0;
+                    }
+                }
+                Ok(Fetched::Batch(messages)) => {
+                    self.idle_rounds = 0;
+                    self.process(messages).await?;
+                }
+                Err(err) => {
+                    warn!(error = %err, "fetch failed");
+                    self.status
+                        .update(|s| s.failure = Some(format!("fetch failed: {err}")));
+                    if !self.pause(Duration::from_secs(1)).await {
+                        break;
+                    }
+                }
+            }
+            if self.cancel.is_cancelled() {
+                break;
+            }
         }
+        Ok(())
     }
 
     /// Sleeps unless cancelled; returns false when cancelled.
