@@ -214,14 +214,7 @@ async fn get(arg: &ConfigArg, reducers: &Reducers, projection: &str, key: &str) 
             match admin::get(&addr, &path).await {
                 Ok(r) if r.status == 200 => Some(r.body),
                 Ok(r) if r.status == 404 => None,
-                Ok(r) => {
-                    eprintln!(
-                        "the running projector answered {}: {}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body).trim()
-                    );
-                    return Exit::Failure;
-                }
+                Ok(r) => return refused(&r),
                 Err(err) => {
                     eprintln!("{err}");
                     return Exit::Failure;
@@ -402,26 +395,9 @@ async fn verify(arg: &ConfigArg, reducers: &Reducers, projection: &str, json: bo
                 admin::encode(projection),
                 spec.config.version
             );
-            match admin::get(&addr, &path).await {
-                Ok(r) if r.status == 200 => match serde_json::from_slice(&r.body) {
-                    Ok(report) => report,
-                    Err(err) => {
-                        eprintln!("unexpected answer from the running projector: {err}");
-                        return Exit::Failure;
-                    }
-                },
-                Ok(r) => {
-                    eprintln!(
-                        "the running projector answered {}: {}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body).trim()
-                    );
-                    return Exit::Failure;
-                }
-                Err(err) => {
-                    eprintln!("{err}");
-                    return Exit::Failure;
-                }
+            match admin_json(&addr, &path).await {
+                Ok(report) => report,
+                Err(exit) => return exit,
             }
         }
         Ok(Access::Direct(store)) => {
@@ -692,30 +668,13 @@ async fn snapshot_create(
             if let Some(bucket) = &object_store {
                 path.push_str(&format!("&object_store={}", admin::encode(bucket)));
             }
-            match admin::get(&addr, &path).await {
-                Ok(r) if r.status == 200 => match serde_json::from_slice(&r.body) {
-                    Ok(created) => {
-                        print_created(&created);
-                        return Exit::Ok;
-                    }
-                    Err(err) => {
-                        eprintln!("unexpected answer from the running projector: {err}");
-                        return Exit::Failure;
-                    }
-                },
-                Ok(r) => {
-                    eprintln!(
-                        "the running projector answered {}: {}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body).trim()
-                    );
-                    return Exit::Failure;
+            return match admin_json(&addr, &path).await {
+                Ok(created) => {
+                    print_created(&created);
+                    Exit::Ok
                 }
-                Err(err) => {
-                    eprintln!("{err}");
-                    return Exit::Failure;
-                }
-            }
+                Err(exit) => exit,
+            };
         }
         Ok(Access::Direct(store)) => {
             match crate::snapshot::create(&store, &spec, out.as_deref(), &config.snapshot_dir()) {
@@ -911,28 +870,9 @@ async fn replay(
                 if dry_run && !dry {
                     break;
                 }
-                match admin::get(&addr, &query(dry)).await {
-                    Ok(r) if r.status == 200 => {
-                        match serde_json::from_slice::<crate::replay::Report>(&r.body) {
-                            Ok(report) => print_replay(&report, !dry),
-                            Err(err) => {
-                                eprintln!("unexpected answer from the running projector: {err}");
-                                return Exit::Failure;
-                            }
-                        }
-                    }
-                    Ok(r) => {
-                        eprintln!(
-                            "the running projector answered {}: {}",
-                            r.status,
-                            String::from_utf8_lossy(&r.body).trim()
-                        );
-                        return Exit::Failure;
-                    }
-                    Err(err) => {
-                        eprintln!("{err}");
-                        return Exit::Failure;
-                    }
+                match admin_json::<crate::replay::Report>(&addr, &query(dry)).await {
+                    Ok(report) => print_replay(&report, !dry),
+                    Err(exit) => return exit,
                 }
             }
             return Exit::Ok;
@@ -1115,14 +1055,7 @@ async fn rebuild(
                         println!("{}", String::from_utf8_lossy(&r.body).trim());
                     }
                 }
-                Ok(r) => {
-                    eprintln!(
-                        "the running projector answered {}: {}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body).trim()
-                    );
-                    return Exit::Failure;
-                }
+                Ok(r) => return refused(&r),
                 Err(err) => {
                     eprintln!("{err}");
                     return Exit::Failure;
@@ -1229,6 +1162,32 @@ async fn promote_now(js: &async_nats::jetstream::Context, spec: &Spec, logical: 
         Err(err) => {
             eprintln!("{err}");
             Exit::Failure
+        }
+    }
+}
+
+/// Prints a running projector's refusal (its status and body) and fails.
+fn refused(r: &admin::Response) -> Exit {
+    eprintln!(
+        "the running projector answered {}: {}",
+        r.status,
+        String::from_utf8_lossy(&r.body).trim()
+    );
+    Exit::Failure
+}
+
+/// GETs an admin route of the running projector and parses its JSON answer. A refusal, a
+/// transport failure or an unexpected body is printed and becomes `Exit::Failure`.
+async fn admin_json<T: serde::de::DeserializeOwned>(addr: &str, path: &str) -> Result<T, Exit> {
+    match admin::get(addr, path).await {
+        Ok(r) if r.status == 200 => serde_json::from_slice(&r.body).map_err(|err| {
+            eprintln!("unexpected answer from the running projector: {err}");
+            Exit::Failure
+        }),
+        Ok(r) => Err(refused(&r)),
+        Err(err) => {
+            eprintln!("{err}");
+            Err(Exit::Failure)
         }
     }
 }
