@@ -224,7 +224,15 @@ async fn catchup(
         std::fs::write(&config, text).unwrap();
     }
     let log = dir.path().join("log");
-    let child = Child2::run(&config, &[], &log);
+    // BENCH_LOG=path keeps the projector's log of each catch-up, with the sink's per-group
+    // debug lines (group sizes, KV writes, timings).
+    let keep_log = std::env::var("BENCH_LOG").ok();
+    let level = if keep_log.is_some() {
+        "warn,nats_projector::pipeline::effects=debug"
+    } else {
+        "warn"
+    };
+    let child = Child2::run(&config, &[("RUST_LOG", level)], &log);
     let pid = child.child.id();
     let perf = std::env::var("BENCH_PERF").ok().map(|out| {
         std::process::Command::new("perf")
@@ -232,7 +240,10 @@ async fn catchup(
                 "record",
                 "-F",
                 "499",
-                "-g",
+                "--call-graph",
+                // BENCH_PERF_GRAPH=dwarf for call graphs through code built without frame
+                // pointers (larger files).
+                &std::env::var("BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into()),
                 "-o",
                 &out,
                 "-p",
@@ -288,6 +299,9 @@ async fn catchup(
         batched / batches.max(1.0),
         busy * 1000.0 / batches.max(1.0)
     );
+    if let Some(keep) = keep_log {
+        let _ = std::fs::copy(&log, format!("{keep}.{stream}.{reducer}.{}", now_us()));
+    }
     assert_eq!(
         child.terminate(),
         Some(0),
@@ -344,7 +358,15 @@ async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u
     let projection = projection.as_str();
     let config = common::write_config(server, dir.path(), 0, projection);
     let log = dir.path().join("log");
-    let child = Child2::run(&config, &[], &log);
+    // BENCH_LOG=path keeps the projector's log of each catch-up, with the sink's per-group
+    // debug lines (group sizes, KV writes, timings).
+    let keep_log = std::env::var("BENCH_LOG").ok();
+    let level = if keep_log.is_some() {
+        "warn,nats_projector::pipeline::effects=debug"
+    } else {
+        "warn"
+    };
+    let child = Child2::run(&config, &[("RUST_LOG", level)], &log);
     let pid = child.child.id();
     common::eventually(Duration::from_secs(20), "the steady bucket", || async {
         js.get_key_value(&bucket).await.is_ok()

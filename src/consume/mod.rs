@@ -7,7 +7,7 @@ use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
     kv,
-    message::{Acker, StreamMessage},
+    message::StreamMessage,
     stream,
 };
 use async_nats::{HeaderMap, Subject};
@@ -295,7 +295,9 @@ pub struct Incoming {
     pub headers: Option<HeaderMap>,
     /// Payload.
     pub payload: Bytes,
-    acker: Option<Acker>,
+    /// Where acks go (`None` for a message read back from the stream). Only the subject is
+    /// kept, not the message's JetStream context: acks go through one shared client.
+    reply: Option<Subject>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -319,7 +321,7 @@ impl Incoming {
                 (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
             )
         };
-        let (message, acker) = message.split();
+        let message = message.message;
         Some(Incoming {
             seq,
             delivered,
@@ -328,7 +330,7 @@ impl Incoming {
             subject: message.subject,
             headers: message.headers,
             payload: message.payload,
-            acker: Some(acker),
+            reply: message.reply,
         })
     }
 
@@ -342,18 +344,27 @@ impl Incoming {
             subject: message.subject,
             headers: Some(message.headers).filter(|h| h.iter().next().is_some()),
             payload: message.payload,
-            acker: None,
+            reply: None,
         }
     }
 
-    /// Sends an ack of `kind` (nothing for messages read back from the stream). Errors are
-    /// logged: an ack that never arrives only means a redelivery, which the store recognizes.
-    pub async fn ack(&self, kind: AckKind) {
-        if let Some(acker) = &self.acker {
-            if let Err(err) = acker.ack_with(kind).await {
+    /// Sends an ack of `kind` through `client` (nothing for messages read back from the
+    /// stream). Errors are logged: an ack that never arrives only means a redelivery, which
+    /// the store recognizes.
+    pub async fn ack(&self, client: &async_nats::Client, kind: AckKind) {
+        if let Some(reply) = &self.reply {
+            if let Err(err) = client.publish(reply.clone(), kind.into()).await {
                 tracing::warn!(error = %err, stream_seq = self.seq, "could not send an ack");
             }
         }
+    }
+
+    /// Drops what only decoding and dead-lettering need (payload, headers) once the message's
+    /// outcome is committed and it is not a poison event: a message waiting for its ack then
+    /// holds a few dozen bytes, not its payload (nor the read buffer the payload shares).
+    pub fn slim(&mut self) {
+        self.payload = Bytes::new();
+        self.headers = None;
     }
 }
 
@@ -485,9 +496,9 @@ impl Source {
 }
 
 /// Acks (or NAKs, or marks in progress) a set of messages.
-pub async fn ack_all(messages: &[Incoming], kind: AckKind) {
+pub async fn ack_all(client: &async_nats::Client, messages: &[Incoming], kind: AckKind) {
     for message in messages {
-        message.ack(kind).await;
+        message.ack(client, kind).await;
     }
 }
 

@@ -41,6 +41,8 @@ pub(super) const QUEUED_BATCHES: usize = 64;
 pub(super) struct Effects {
     pub spec: Arc<Spec>,
     pub js: jetstream::Context,
+    /// The client acks go through (the one behind `js`).
+    client: async_nats::Client,
     pub metrics: ProjectionMetrics,
     pub status: Arc<StatusCell>,
     pub cancel: CancellationToken,
@@ -93,6 +95,7 @@ impl Effects {
     ) -> Effects {
         Effects {
             spec,
+            client: js.client(),
             js,
             metrics,
             status,
@@ -182,14 +185,14 @@ impl Effects {
         self.metrics.retried.inc_by(count as u64);
         self.metrics.ready.set(0);
         for messages in held {
-            consume::ack_all(messages, AckKind::Progress).await;
+            consume::ack_all(&self.client, messages, AckKind::Progress).await;
         }
         let wait = self.backoff(attempt).min(self.spec.config.ack_wait / 2);
         if self.pause(wait).await {
             true
         } else {
             for messages in held {
-                consume::ack_all(messages, AckKind::Nak(None)).await;
+                consume::ack_all(&self.client, messages, AckKind::Nak(None)).await;
             }
             false
         }
@@ -297,7 +300,7 @@ impl Effects {
                 return;
             }
         }
-        consume::ack_all(messages, AckKind::Ack).await;
+        consume::ack_all(&self.client, messages, AckKind::Ack).await;
     }
 
     /// Completes a group of committed batches: KV, then dead letters, then acks. Returns false
@@ -326,7 +329,7 @@ impl Effects {
             }
         }
         for c in &group {
-            consume::ack_all(&c.messages, AckKind::Ack).await;
+            consume::ack_all(&self.client, &c.messages, AckKind::Ack).await;
         }
         let acked = started.elapsed();
         for c in &group {

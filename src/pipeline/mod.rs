@@ -879,13 +879,22 @@ impl Pipeline {
                     redelivered = m.delivered > 1, "event");
             }
         }
+        let mut messages = messages;
         let mut poisoned = Vec::new();
         for (index, outcome) in applied.outcomes.into_iter().enumerate() {
             match outcome {
                 Outcome::Applied => self.metrics.applied.inc(),
                 Outcome::Duplicate | Outcome::AlreadyDead => self.metrics.duplicate.inc(),
                 Outcome::StaleEpoch => self.metrics.stale_epoch.inc(),
-                Outcome::Poison(poison) => poisoned.push((index, poison)),
+                Outcome::Poison(poison) => {
+                    poisoned.push((index, poison));
+                    continue;
+                }
+            }
+            // Settled in the store: only the ack is left to send (memory stays small while
+            // the batch waits for KV).
+            if let Some(m) = messages.get_mut(index) {
+                m.slim();
             }
         }
         debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
