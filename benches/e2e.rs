@@ -208,8 +208,8 @@ async fn catchup(
             .unwrap_or(default)
     };
     let (batch, max_ack_pending) = (
-        tuning("BENCH_BATCH", 4096),
-        tuning("BENCH_MAX_ACK_PENDING", 16_384),
+        tuning("BENCH_BATCH", 2048),
+        tuning("BENCH_MAX_ACK_PENDING", 65_536),
     );
     let projection = format!(
         "[[projection]]\nname = \"{name}\"\nstream = \"{stream}\"\nkey = \"{{data.k}}\"\nreducer = \"{reducer}\"\n\
@@ -235,20 +235,20 @@ async fn catchup(
     let child = Child2::run(&config, &[("RUST_LOG", level)], &log);
     let pid = child.child.id();
     let perf = std::env::var("BENCH_PERF").ok().map(|out| {
+        // BENCH_PERF_GRAPH=dwarf for call graphs through code built without frame pointers
+        // (larger files); BENCH_PERF_ALL=1 samples every process and thread (nats-server too,
+        // and the threads the projector starts later, such as its blocking pool's).
+        let graph = std::env::var("BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into());
+        let mut args: Vec<String> = ["record", "-F", "499", "--call-graph", &graph, "-o", &out]
+            .map(String::from)
+            .to_vec();
+        if std::env::var_os("BENCH_PERF_ALL").is_some() {
+            args.extend(["-a", "--", "sleep", "3600"].map(String::from));
+        } else {
+            args.extend(["-p".to_string(), pid.to_string()]);
+        }
         std::process::Command::new("perf")
-            .args([
-                "record",
-                "-F",
-                "499",
-                "--call-graph",
-                // BENCH_PERF_GRAPH=dwarf for call graphs through code built without frame
-                // pointers (larger files).
-                &std::env::var("BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into()),
-                "-o",
-                &out,
-                "-p",
-                &pid.to_string(),
-            ])
+            .args(args)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap()

@@ -33,6 +33,13 @@ use crate::store::{DeadNote, Housekeeping, KvConfirmed, KvWrite};
 /// KV writes and acks). When KV is the bottleneck the queue grows, and so does coalescing: a
 /// hot key is written once per group, not once per batch.
 const GROUP_MESSAGES: usize = 65_536;
+/// KV writes (payload and key bytes) committed but not yet written, at most: beyond it, the
+/// apply side waits for the sink. Coalesced writes count once, so a backlog over few keys
+/// never reaches it; a backlog over many distinct keys is throttled to it (memory stays
+/// bounded whatever `max_ack_pending`).
+const KV_BYTES_BUDGET: usize = 16 * 1024 * 1024;
+/// The longest a catch-up group waits for more committed batches (see [`sink`]).
+const GATHER_MAX_WAIT: Duration = Duration::from_millis(500);
 /// Committed batches queued for the sink beyond the one it is completing. Memory stays bounded
 /// by the consumer's `max_ack_pending`: nothing is delivered beyond it until acks come back.
 pub(super) const QUEUED_BATCHES: usize = 64;
@@ -49,6 +56,10 @@ pub(super) struct Effects {
     /// The KV writer, once the bucket is bound (none for a store-only projection).
     pub kv: OnceLock<KvWriter>,
     shared: Mutex<Shared>,
+    /// Bytes of KV writes committed and not yet written (see [`KV_BYTES_BUDGET`]).
+    kv_bytes: std::sync::atomic::AtomicUsize,
+    /// Signalled whenever `kv_bytes` goes down.
+    kv_room: tokio::sync::Notify,
 }
 
 /// Mutable state both halves touch, behind one short-held lock.
@@ -73,6 +84,8 @@ pub(super) struct Committed {
     pub poisoned: Vec<(usize, Poison)>,
     /// The outbox size right after the commit.
     pub outbox_len: u64,
+    /// The projection's key count right after the commit.
+    pub keys: u64,
     /// When the batch was fetched.
     pub started: Instant,
 }
@@ -102,7 +115,38 @@ impl Effects {
             cancel,
             kv: OnceLock::new(),
             shared: Mutex::new(Shared::default()),
+            kv_bytes: std::sync::atomic::AtomicUsize::new(0),
+            kv_room: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until `bytes` more of pending KV writes fit the budget (always when none are
+    /// pending), then counts them.
+    pub async fn reserve_kv(&self, bytes: usize) {
+        use std::sync::atomic::Ordering;
+        loop {
+            // Created before the check, so a release in between is not missed.
+            let room = self.kv_room.notified();
+            let held = self.kv_bytes.load(Ordering::Acquire);
+            if held == 0 || held + bytes <= KV_BYTES_BUDGET {
+                self.kv_bytes.fetch_add(bytes, Ordering::AcqRel);
+                return;
+            }
+            room.await;
+        }
+    }
+
+    fn release_kv(&self, bytes: usize) {
+        use std::sync::atomic::Ordering;
+        if bytes == 0 {
+            return;
+        }
+        let _ = self
+            .kv_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held.saturating_sub(bytes))
+            });
+        self.kv_room.notify_waiters();
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -303,10 +347,10 @@ impl Effects {
         consume::ack_all(&self.client, messages, AckKind::Ack).await;
     }
 
-    /// Completes a group of committed batches: KV, then dead letters, then acks. Returns false
-    /// when cancelled while holding (the group is then NAKed).
-    pub async fn complete(&self, mut group: Vec<Committed>) -> bool {
-        let writes = coalesce(group.iter_mut().map(|c| std::mem::take(&mut c.kv_writes)));
+    /// Completes a group of committed batches: KV (`writes`: the group's writes, coalesced),
+    /// then dead letters, then acks. Returns false when cancelled while holding (the group is
+    /// then NAKed).
+    pub async fn complete(&self, group: Vec<Committed>, writes: Vec<KvWrite>) -> bool {
         let held: Vec<&[Incoming]> = group.iter().map(|c| c.messages.as_slice()).collect();
         let started = Instant::now();
         let (messages, kv_writes) = (held.iter().map(|h| h.len()).sum::<usize>(), writes.len());
@@ -384,8 +428,18 @@ impl Effects {
 /// The sink task: completes committed batches in order, coalescing those already queued.
 /// After a cancelled hold it completes nothing more: what is left stays unacked and is
 /// redelivered to the next run (its effect is in the store and the outbox).
+///
+/// During a catch-up (the newest batch was delivered with more messages pending behind it)
+/// over fewer keys than half of `max_ack_pending`, the sink waits, up to [`GATHER_MAX_WAIT`],
+/// until that many messages are committed before writing KV: a key that recurs across the
+/// backlog is written once per group, not once per batch. The other half keeps the apply side
+/// busy meanwhile. In steady state (nothing pending), or over more keys than a group could
+/// coalesce, a batch is completed as soon as it is committed.
 pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
     let mut stopped = false;
+    let target = usize::try_from(fx.spec.config.max_ack_pending / 2)
+        .unwrap_or(0)
+        .clamp(1, GROUP_MESSAGES);
     while let Some(job) = jobs.recv().await {
         let first = match job {
             Job::Barrier(done) => {
@@ -394,24 +448,49 @@ pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
             }
             Job::Batch(batch) => batch,
         };
+        let mut writes = Coalescer::default();
+        let mut first = first;
+        fx.release_kv(writes.add(std::mem::take(&mut first.kv_writes)));
         let mut count = first.messages.len();
         let mut group = vec![first];
         let mut barrier = None;
-        while count < GROUP_MESSAGES {
-            match jobs.try_recv() {
-                Ok(Job::Batch(batch)) => {
+        let deadline = tokio::time::Instant::now() + GATHER_MAX_WAIT;
+        while count < GROUP_MESSAGES && barrier.is_none() {
+            let next = match jobs.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let newest = group.last();
+                    let backlog = newest
+                        .and_then(|c| c.messages.last())
+                        .is_some_and(|m| m.pending > 0);
+                    let coalescible = newest.is_some_and(|c| c.keys < target as u64);
+                    if !backlog || !coalescible || count >= target || fx.cancel.is_cancelled() {
+                        None
+                    } else {
+                        tokio::select! {
+                            _ = fx.cancel.cancelled() => None,
+                            next = tokio::time::timeout_at(deadline, jobs.recv()) => {
+                                next.ok().flatten()
+                            }
+                        }
+                    }
+                }
+            };
+            match next {
+                Some(Job::Batch(mut batch)) => {
                     count += batch.messages.len();
+                    fx.release_kv(writes.add(std::mem::take(&mut batch.kv_writes)));
                     group.push(batch);
                 }
-                Ok(Job::Barrier(done)) => {
-                    barrier = Some(done);
-                    break;
-                }
-                Err(_) => break,
+                Some(Job::Barrier(done)) => barrier = Some(done),
+                None => break,
             }
         }
         if !stopped {
-            stopped = !fx.complete(group).await;
+            let held = writes.bytes;
+            stopped = !fx.complete(group, writes.out).await;
+            fx.release_kv(held);
         }
         if let Some(done) = barrier {
             let _ = done.send(());
@@ -419,38 +498,69 @@ pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
-/// One write per key: the newest committed state (highest sequence) of each.
-fn coalesce(batches: impl Iterator<Item = Vec<KvWrite>>) -> Vec<KvWrite> {
-    let mut out: Vec<KvWrite> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    for writes in batches {
-        if out.is_empty() {
+/// The KV writes of a group as its batches arrive: one write per key, the newest committed
+/// state (highest sequence) of each, in first-touch order. Held writes stay bounded by the
+/// keys the group touched, however many batches it spans.
+#[derive(Default)]
+struct Coalescer {
+    out: Vec<KvWrite>,
+    index: HashMap<String, usize>,
+    /// [`write_bytes`] of what `out` holds.
+    bytes: usize,
+}
+
+/// What a pending KV write weighs against [`KV_BYTES_BUDGET`].
+pub(super) fn write_bytes(write: &KvWrite) -> usize {
+    write.payload.len() + write.key.len() + std::mem::size_of::<KvWrite>()
+}
+
+impl Coalescer {
+    /// Adds a batch's writes; returns the bytes of the writes it dropped (superseded).
+    fn add(&mut self, writes: Vec<KvWrite>) -> usize {
+        let added: usize = writes.iter().map(write_bytes).sum();
+        let before = self.bytes;
+        self.merge(writes);
+        self.bytes = self.out.iter().map(write_bytes).sum();
+        (before + added).saturating_sub(self.bytes)
+    }
+
+    fn merge(&mut self, writes: Vec<KvWrite>) {
+        if self.out.is_empty() {
             // The common case: one batch, already one write per key.
-            out = writes;
-            continue;
+            self.out = writes;
+            return;
         }
-        if index.is_empty() {
-            index = out
+        if self.index.is_empty() {
+            self.index = self
+                .out
                 .iter()
                 .enumerate()
                 .map(|(i, w)| (w.key.clone(), i))
                 .collect();
         }
         for write in writes {
-            match index.get(&write.key) {
+            match self.index.get(&write.key) {
                 Some(&i) => {
-                    if write.seq > out[i].seq {
-                        out[i] = write;
+                    if write.seq > self.out[i].seq {
+                        self.out[i] = write;
                     }
                 }
                 None => {
-                    index.insert(write.key.clone(), out.len());
-                    out.push(write);
+                    self.index.insert(write.key.clone(), self.out.len());
+                    self.out.push(write);
                 }
             }
         }
     }
-    out
+}
+
+#[cfg(test)]
+fn coalesce(batches: impl Iterator<Item = Vec<KvWrite>>) -> Vec<KvWrite> {
+    let mut coalescer = Coalescer::default();
+    for writes in batches {
+        coalescer.add(writes);
+    }
+    coalescer.out
 }
 
 fn confirmed(written: Written) -> KvConfirmed {

@@ -755,36 +755,6 @@ impl Pipeline {
         Ok(())
     }
 
-    fn items(&self, messages: &[Incoming]) -> (Vec<Item>, Option<Position>) {
-        let mut items = Vec::with_capacity(messages.len());
-        let mut newest: Option<(u64, u64, &Incoming)> = None;
-        for m in messages {
-            let (seq, publish_ms) = (m.seq, m.publish_ms);
-            let view = MessageView {
-                seq,
-                subject: m.subject.as_str(),
-                headers: m.headers.as_ref(),
-                payload: &m.payload,
-                publish_ms,
-            };
-            items.push(match self.spec.prepare(&view) {
-                Ok(prepared) => Item::Event(prepared),
-                Err(poison) => Item::Poison { seq, poison },
-            });
-            if newest.is_none_or(|(s, _, _)| seq > s) {
-                newest = Some((seq, publish_ms, m));
-            }
-        }
-        let position = newest.map(|(seq, publish_ms, m)| Position {
-            stream: self.spec.config.stream.clone(),
-            stream_created_ns: self.stream_created_ns,
-            seq,
-            publish_ms,
-            payload_sha256: Sha256::digest(&m.payload).into(),
-        });
-        (items, position)
-    }
-
     /// Applies one segment end to end.
     async fn process_segment(
         &mut self,
@@ -801,24 +771,35 @@ impl Pipeline {
         let redelivered = messages.iter().filter(|m| m.delivered > 1).count();
         self.metrics.redeliveries.inc_by(redelivered as u64);
         let mut attempt = 0u32;
-        let mut described: Option<Vec<EventLog>>;
+        let mut described: Option<Vec<EventLog>> = None;
+        let mut messages = messages;
         let applied: Applied = loop {
-            let (items, position) = self.items(&messages);
-            // Per-event log fields, captured only when someone listens at debug level.
-            described =
-                tracing::enabled!(tracing::Level::DEBUG).then(|| describe(&items, &messages));
-            if let (Some(first), Some(p)) = (items.first(), &position) {
-                span.record("first_seq", first.seq());
-                span.record("last_seq", p.seq);
-            }
             let house = self.fx.take_house();
             let (store, spec) = (self.store.clone(), self.spec.clone());
+            let created_ns = self.stream_created_ns;
+            // Per-event log fields, captured only when someone listens at debug level.
+            let debug = tracing::enabled!(tracing::Level::DEBUG);
+            let batch = std::mem::take(&mut messages);
+            // Decoded on the thread that applies: the events are allocated and freed on one
+            // thread (the allocator's fast path), and the async workers stay free for I/O.
             let result = tokio::task::spawn_blocking(move || {
+                let (items, position) = items(&spec, created_ns, &batch);
+                let described = debug.then(|| describe(&items, &batch));
+                let range = items
+                    .first()
+                    .map(Item::seq)
+                    .zip(position.as_ref().map(|p| p.seq));
                 let applied = store.apply(&spec, items, &house, position.as_ref());
-                (applied, house)
+                (applied, house, batch, described, range)
             })
             .await;
-            let result = result.map(|(applied, house)| {
+            let result = result.map(|(applied, house, back, logs, range)| {
+                messages = back;
+                described = logs;
+                if let Some((first, last)) = range {
+                    span.record("first_seq", first);
+                    span.record("last_seq", last);
+                }
                 // Folded in only if the transaction committed.
                 if applied.is_err() {
                     self.fx.restore_house(house);
@@ -879,7 +860,6 @@ impl Pipeline {
                     redelivered = m.delivered > 1, "event");
             }
         }
-        let mut messages = messages;
         let mut poisoned = Vec::new();
         for (index, outcome) in applied.outcomes.into_iter().enumerate() {
             match outcome {
@@ -905,20 +885,65 @@ impl Pipeline {
             kv_writes: applied.kv_writes,
             poisoned,
             outbox_len: applied.outbox_len,
+            keys: applied.keys,
             started,
         };
         // The sink writes KV, dead-letters and acks, in commit order, while the next batch is
         // applied.
         match &self.jobs {
-            Some(jobs) => jobs.send(Job::Batch(committed)).await.map_err(|_| {
-                PipelineError::Fatal("the KV and ack task stopped unexpectedly".into())
-            }),
+            Some(jobs) => {
+                let bytes = committed.kv_writes.iter().map(effects::write_bytes).sum();
+                tokio::select! {
+                    _ = self.fx.reserve_kv(bytes) => {}
+                    _ = jobs.closed() => {}
+                }
+                jobs.send(Job::Batch(committed)).await.map_err(|_| {
+                    PipelineError::Fatal("the KV and ack task stopped unexpectedly".into())
+                })
+            }
             None => {
-                self.fx.complete(vec![committed]).await;
+                let mut committed = committed;
+                let writes = std::mem::take(&mut committed.kv_writes);
+                self.fx.complete(vec![committed], writes).await;
                 Ok(())
             }
         }
     }
+}
+
+/// Decodes a batch: one item per message, and the position of its newest message.
+fn items(
+    spec: &Spec,
+    stream_created_ns: i128,
+    messages: &[Incoming],
+) -> (Vec<Item>, Option<Position>) {
+    let mut items = Vec::with_capacity(messages.len());
+    let mut newest: Option<(u64, u64, &Incoming)> = None;
+    for m in messages {
+        let (seq, publish_ms) = (m.seq, m.publish_ms);
+        let view = MessageView {
+            seq,
+            subject: m.subject.as_str(),
+            headers: m.headers.as_ref(),
+            payload: &m.payload,
+            publish_ms,
+        };
+        items.push(match spec.prepare(&view) {
+            Ok(prepared) => Item::Event(prepared),
+            Err(poison) => Item::Poison { seq, poison },
+        });
+        if newest.is_none_or(|(s, _, _)| seq > s) {
+            newest = Some((seq, publish_ms, m));
+        }
+    }
+    let position = newest.map(|(seq, publish_ms, m)| Position {
+        stream: spec.config.stream.clone(),
+        stream_created_ns,
+        seq,
+        publish_ms,
+        payload_sha256: Sha256::digest(&m.payload).into(),
+    });
+    (items, position)
 }
 
 /// What the per-event debug log says of an event, captured before the batch is applied.

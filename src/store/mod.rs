@@ -291,6 +291,8 @@ pub struct Applied {
     pub kv_writes: Vec<KvWrite>,
     /// Keys in the outbox after the commit.
     pub outbox_len: u64,
+    /// Keys (records, tombstones included) of the projection after the commit.
+    pub keys: u64,
 }
 
 /// The state slot of a key while a batch is being applied.
@@ -686,6 +688,7 @@ impl Store {
                 encode(&checkpoint)?.as_slice(),
             )?;
             applied.outbox_len = outbox.len()?;
+            applied.keys = records.len()?;
         }
         txn.commit()?;
         Ok(applied)
