@@ -181,6 +181,18 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts the projector binary. BENCH_LOG=path keeps its log (returned: where to copy it),
+/// with the sink's per-group debug lines (group sizes, KV writes, timings).
+fn spawn_projector(config: &std::path::Path, log: &std::path::Path) -> (Child2, Option<String>) {
+    let keep_log = std::env::var("BENCH_LOG").ok();
+    let level = if keep_log.is_some() {
+        "warn,nats_projector::pipeline::effects=debug"
+    } else {
+        "warn"
+    };
+    (Child2::run(config, &[("RUST_LOG", level)], log), keep_log)
+}
+
 /// Runs the projector binary on the backlog of `stream` until drained.
 async fn catchup(
     server: &NatsServer,
@@ -224,15 +236,7 @@ async fn catchup(
         std::fs::write(&config, text).unwrap();
     }
     let log = dir.path().join("log");
-    // BENCH_LOG=path keeps the projector's log of each catch-up, with the sink's per-group
-    // debug lines (group sizes, KV writes, timings).
-    let keep_log = std::env::var("BENCH_LOG").ok();
-    let level = if keep_log.is_some() {
-        "warn,nats_projector::pipeline::effects=debug"
-    } else {
-        "warn"
-    };
-    let child = Child2::run(&config, &[("RUST_LOG", level)], &log);
+    let (child, keep_log) = spawn_projector(&config, &log);
     let pid = child.child.id();
     let perf = std::env::var("BENCH_PERF").ok().map(|out| {
         // BENCH_PERF_GRAPH=dwarf for call graphs through code built without frame pointers
@@ -358,15 +362,7 @@ async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u
     let projection = projection.as_str();
     let config = common::write_config(server, dir.path(), 0, projection);
     let log = dir.path().join("log");
-    // BENCH_LOG=path keeps the projector's log of each catch-up, with the sink's per-group
-    // debug lines (group sizes, KV writes, timings).
-    let keep_log = std::env::var("BENCH_LOG").ok();
-    let level = if keep_log.is_some() {
-        "warn,nats_projector::pipeline::effects=debug"
-    } else {
-        "warn"
-    };
-    let child = Child2::run(&config, &[("RUST_LOG", level)], &log);
+    let (child, _) = spawn_projector(&config, &log);
     let pid = child.child.id();
     common::eventually(Duration::from_secs(20), "the steady bucket", || async {
         js.get_key_value(&bucket).await.is_ok()

@@ -8,21 +8,30 @@ use std::time::Duration;
 
 use common::*;
 
-/// A backlog is fetched in batches near the configured size. (tokio's cooperative budget once
-/// cut every batch at about 120 messages, whatever `batch` said: one fsync per 120 events.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
+/// A projector that drained the published fixture, with what the assertions need.
+struct Drained {
+    _server: NatsServer,
+    js: async_nats::jetstream::Context,
+    port: u16,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+    projector: Child2,
+    oracle: serde_json::Value,
+    events: usize,
+}
+
+/// Publishes the fixture, runs `projection` on it with metrics on a free port, and waits until
+/// the durable has acked everything.
+async fn drain_fixture(projection: &str) -> Drained {
     let server = NatsServer::start();
     let (_client, js) = server.jetstream().await;
     create_stream(&js, "ORDERS", &["orders.>"]).await;
     let (events, oracle) = fixture();
-    let count = events.len() as f64;
+    let count = events.len();
     publish_all(&js, events).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 1000");
-    let projection = format!("{projection}max_ack_pending = 8000\n");
-    let config = write_config(&server, dir.path(), port, &projection);
+    let config = write_config(&server, dir.path(), port, projection);
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
     wait_drained(
@@ -32,6 +41,33 @@ async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
         Duration::from_secs(90),
     )
     .await;
+    Drained {
+        _server: server,
+        js,
+        port,
+        dir,
+        log,
+        projector,
+        oracle,
+        events: count,
+    }
+}
+
+/// A backlog is fetched in batches near the configured size. (tokio's cooperative budget once
+/// cut every batch at about 120 messages, whatever `batch` said: one fsync per 120 events.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
+    let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 1000");
+    let run = drain_fixture(&format!("{projection}max_ack_pending = 8000\n")).await;
+    let (js, port, dir, log, projector, oracle) = (
+        &run.js,
+        run.port,
+        &run.dir,
+        &run.log,
+        run.projector,
+        &run.oracle,
+    );
+    let count = run.events as f64;
     let labels = [("projection", "orders")];
     eventually(
         Duration::from_secs(10),
@@ -49,7 +85,7 @@ async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(projector.terminate(), Some(0));
-    assert_fixture_model(&js, &dir.path().join("store.redb"), &oracle).await;
+    assert_fixture_model(js, &dir.path().join("store.redb"), oracle).await;
 }
 
 /// A catch-up over few keys gathers committed batches before writing KV, so a key that recurs
@@ -59,25 +95,16 @@ async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
 /// the store still equal the oracle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catch_up_over_few_keys_coalesces_kv_writes_across_batches() {
-    let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "ORDERS", &["orders.>"]).await;
-    let (events, oracle) = fixture();
-    let count = events.len();
-    publish_all(&js, events).await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let projection = format!("{FIXTURE_PROJECTION}max_ack_pending = 4096\n");
-    let config = write_config(&server, dir.path(), port, &projection);
-    let log = dir.path().join("projector.log");
-    let projector = Child2::run(&config, &[], &log);
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(90),
-    )
-    .await;
+    let run = drain_fixture(&format!("{FIXTURE_PROJECTION}max_ack_pending = 4096\n")).await;
+    let (js, port, dir, log, projector, oracle) = (
+        &run.js,
+        run.port,
+        &run.dir,
+        &run.log,
+        run.projector,
+        &run.oracle,
+    );
+    let count = run.events;
     let labels = [("projection", "orders"), ("result", "ok")];
     let writes = metric(port, "projector_kv_writes_total", &labels)
         .await
@@ -88,5 +115,5 @@ async fn a_catch_up_over_few_keys_coalesces_kv_writes_across_batches() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(projector.terminate(), Some(0));
-    assert_fixture_model(&js, &dir.path().join("store.redb"), &oracle).await;
+    assert_fixture_model(js, &dir.path().join("store.redb"), oracle).await;
 }
