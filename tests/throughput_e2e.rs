@@ -82,7 +82,7 @@ async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
     assert!(
         mean >= 300.0,
         "{count} backlogged events took {batches} batches (mean {mean:.0}, batch = 1000)\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        std::fs::read_to_string(log).unwrap_or_default()
     );
     assert_eq!(projector.terminate(), Some(0));
     assert_fixture_model(js, &dir.path().join("store.redb"), oracle).await;
@@ -112,7 +112,7 @@ async fn a_catch_up_over_few_keys_coalesces_kv_writes_across_batches() {
     assert!(
         writes < 1500.0,
         "{count} backlogged events over 200 keys took {writes} KV writes\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        std::fs::read_to_string(log).unwrap_or_default()
     );
     assert_eq!(projector.terminate(), Some(0));
     assert_fixture_model(js, &dir.path().join("store.redb"), oracle).await;
