@@ -165,6 +165,72 @@ async fn kv_ceiling(js: &jetstream::Context, keys: usize) -> f64 {
     rate
 }
 
+/// The naive peer: fetch a batch of 1,000, write every event to redb in one durable
+/// transaction, put every event to KV (the whole batch in flight, plain puts, no CAS, no
+/// coalescing, no sequence guard), then ack every message.
+async fn naive_loop(js: &jetstream::Context, stream: &str, events: usize) -> f64 {
+    const RECORDS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
+    let stream = js.get_stream(stream).await.unwrap();
+    let name = format!("naive{}", now_us());
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kv = js
+        .create_key_value(kv::Config {
+            bucket: name.clone(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = redb::Database::create(dir.path().join("naive.redb")).unwrap();
+    let started = Instant::now();
+    let mut seen = 0;
+    while seen < events {
+        let mut batch = Vec::new();
+        let mut fetched = consumer
+            .fetch()
+            .max_messages(1000)
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = fetched.next().await {
+            let m = m.unwrap();
+            let event: Value = serde_json::from_slice(&m.payload).unwrap();
+            batch.push((format!("k{}", event["data"]["k"]), m));
+        }
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(RECORDS).unwrap();
+            for (key, m) in &batch {
+                table.insert(key.as_str(), m.payload.as_ref()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let puts = batch
+            .iter()
+            .map(|(key, m)| kv.put(key.as_str(), m.payload.clone()));
+        for put in futures::future::join_all(puts).await {
+            put.unwrap();
+        }
+        for (_, m) in &batch {
+            m.ack().await.unwrap();
+        }
+        seen += batch.len();
+    }
+    let rate = seen as f64 / started.elapsed().as_secs_f64();
+    let _ = stream.delete_consumer(&name).await;
+    let _ = js.delete_key_value(&name).await;
+    rate
+}
+
 struct Catchup {
     rate: f64,
     rss_mib: f64,
@@ -527,6 +593,19 @@ async fn main() {
             None,
         ));
     }
+    let mut naive_runs = vec![1.0];
+    for _ in 0..ceilings {
+        naive_runs.push(naive_loop(&js, "K10K", o.events).await);
+    }
+    let naive = median(naive_runs);
+    rows.push((
+        "naive peer: fetch 1000 → redb txn → KV put each (all in flight) → ack each, 10000 keys"
+            .into(),
+        naive,
+        "events/s".into(),
+        None,
+    ));
+    report.insert("naive_loop".into(), json!(naive));
     report.insert("consume_ack_ceiling".into(), json!(consume));
     report.insert("kv_cas_ceiling".into(), json!(kv_ceilings));
     eprintln!("ceilings measured");
@@ -564,11 +643,18 @@ async fn main() {
                 format!("events/s vs {against}"),
                 Some(rate / ceiling),
             ));
-            catchups.insert(
-                format!("{reducer}/{keys}"),
-                json!({"events_per_s": rate, "ratio": rate / ceiling,
-                "ratio_to": against, "peak_rss_mib": rss, "store_mib": store, "events": events}),
-            );
+            let mut entry = json!({"events_per_s": rate, "ratio": rate / ceiling,
+                "ratio_to": against, "peak_rss_mib": rss, "store_mib": store, "events": events});
+            if keys == 10_000 {
+                entry["ratio_to_naive"] = json!(rate / naive);
+                rows.push((
+                    format!("  the same against the naive peer ({naive:.0} events/s)"),
+                    rate,
+                    "events/s vs naive".into(),
+                    Some(rate / naive),
+                ));
+            }
+            catchups.insert(format!("{reducer}/{keys}"), entry);
         }
     }
     let mut store_only = Vec::new();
