@@ -19,7 +19,7 @@ use crate::store::{KvConfirmed, KvValue, KvWrite};
 /// Conflicts resolved per write before giving up for this round (it is retried later).
 const MAX_CONFLICTS: usize = 16;
 /// Revisions remembered between batches; beyond it, the store's hint (or a re-read) is used.
-const REVISION_CACHE: usize = 200_000;
+const REVISION_CACHE: usize = 65_536;
 
 /// The kinds of KV write failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
