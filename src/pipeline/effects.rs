@@ -38,7 +38,7 @@ const GROUP_MESSAGES: usize = 65_536;
 /// the sink. Coalesced writes count once, so a backlog over few keys stays far below it; a
 /// backlog over many distinct keys is throttled to it (memory stays bounded whatever
 /// `max_ack_pending`).
-const KV_BYTES_BUDGET: usize = 8 * 1024 * 1024;
+const KV_BYTES_BUDGET: usize = 16 * 1024 * 1024;
 /// The longest a catch-up group waits for more committed batches (see [`sink`]).
 const GATHER_MAX_WAIT: Duration = Duration::from_millis(500);
 /// Committed batches queued for the sink beyond the one it is completing. Memory stays bounded
@@ -61,6 +61,11 @@ pub(super) struct Effects {
     kv_bytes: std::sync::atomic::AtomicUsize,
     /// Signalled whenever `kv_bytes` goes down.
     kv_room: tokio::sync::Notify,
+    /// Whether the apply side is waiting for room: a catch-up group then stops gathering (the
+    /// batches it would wait for cannot come before it completes).
+    kv_waiting: std::sync::atomic::AtomicBool,
+    /// Signalled when `kv_waiting` is set.
+    kv_starved: tokio::sync::Notify,
 }
 
 /// Mutable state both halves touch, behind one short-held lock.
@@ -121,6 +126,8 @@ impl Effects {
             shared: Mutex::new(Shared::default()),
             kv_bytes: std::sync::atomic::AtomicUsize::new(0),
             kv_room: tokio::sync::Notify::new(),
+            kv_waiting: std::sync::atomic::AtomicBool::new(false),
+            kv_starved: tokio::sync::Notify::new(),
         }
     }
 
@@ -134,8 +141,11 @@ impl Effects {
             let held = self.kv_bytes.load(Ordering::Acquire);
             if held == 0 || held + bytes <= KV_BYTES_BUDGET {
                 self.kv_bytes.fetch_add(bytes, Ordering::AcqRel);
+                self.kv_waiting.store(false, Ordering::Release);
                 return;
             }
+            self.kv_waiting.store(true, Ordering::Release);
+            self.kv_starved.notify_waiters();
             room.await;
         }
     }
@@ -469,11 +479,23 @@ pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
                         .and_then(|c| c.messages.last())
                         .is_some_and(|m| m.pending > 0);
                     let coalescible = newest.is_some_and(|c| c.keys < target as u64);
-                    if !backlog || !coalescible || count >= target || fx.cancel.is_cancelled() {
+                    // Registered before the flag is read, so a wait that starts in between is
+                    // not missed.
+                    let starved = fx.kv_starved.notified();
+                    tokio::pin!(starved);
+                    starved.as_mut().enable();
+                    let waiting = fx.kv_waiting.load(std::sync::atomic::Ordering::Acquire);
+                    if !backlog
+                        || !coalescible
+                        || count >= target
+                        || waiting
+                        || fx.cancel.is_cancelled()
+                    {
                         None
                     } else {
                         tokio::select! {
                             _ = fx.cancel.cancelled() => None,
+                            _ = &mut starved => None,
                             next = tokio::time::timeout_at(deadline, jobs.recv()) => {
                                 next.ok().flatten()
                             }
