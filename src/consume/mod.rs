@@ -366,14 +366,6 @@ impl Incoming {
         self.payload = Bytes::new();
         self.headers = None;
     }
-
-    /// What the message holds in memory (its struct, subjects, payload), approximately.
-    pub fn retained_bytes(&self) -> usize {
-        std::mem::size_of::<Incoming>()
-            + self.subject.len()
-            + self.reply.as_ref().map_or(0, |r| r.len())
-            + self.payload.len()
-    }
 }
 
 /// What [`Source::next_batch`] returns.

@@ -33,12 +33,13 @@ use crate::store::{DeadNote, Housekeeping, KvConfirmed, KvWrite};
 /// KV writes and acks). When KV is the bottleneck the queue grows, and so does coalescing: a
 /// hot key is written once per group, not once per batch.
 const GROUP_MESSAGES: usize = 65_536;
-/// Memory held by committed batches waiting for the sink, at most: their KV writes (payload and
-/// key bytes) and their messages (waiting for the ack). Beyond it, the apply side waits for
-/// the sink. Coalesced writes count once, so a backlog over few keys stays far below it; a
-/// backlog over many distinct keys is throttled to it (memory stays bounded whatever
-/// `max_ack_pending`).
-const KV_BYTES_BUDGET: usize = 16 * 1024 * 1024;
+/// KV writes (payload and key bytes) committed but not yet written, at most: beyond it, the
+/// apply side waits for the sink. Coalesced writes count once, so a backlog over few keys
+/// never reaches it; a backlog over many distinct keys is throttled to it, and so are the
+/// messages waiting behind those writes for their ack (memory stays bounded whatever
+/// `max_ack_pending`). Messages themselves are not counted: a catch-up group over few keys
+/// must be able to gather half of `max_ack_pending` of them.
+const KV_BYTES_BUDGET: usize = 8 * 1024 * 1024;
 /// The longest a catch-up group waits for more committed batches (see [`sink`]).
 const GATHER_MAX_WAIT: Duration = Duration::from_millis(500);
 /// Committed batches queued for the sink beyond the one it is completing. Memory stays bounded
@@ -94,9 +95,6 @@ pub(super) struct Committed {
     pub keys: u64,
     /// When the batch was fetched.
     pub started: Instant,
-    /// [`crate::consume::Incoming::retained_bytes`] of the messages once slimmed, counted
-    /// against [`KV_BYTES_BUDGET`] until they are acked.
-    pub message_bytes: usize,
 }
 
 /// Work for the sink.
@@ -514,7 +512,7 @@ pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
             }
         }
         if !stopped {
-            let held = writes.bytes + group.iter().map(|c| c.message_bytes).sum::<usize>();
+            let held = writes.bytes;
             stopped = !fx.complete(group, writes.out).await;
             fx.release_kv(held);
         }

@@ -880,7 +880,6 @@ impl Pipeline {
         debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
         let newest = messages.iter().map(|m| m.seq).max().unwrap_or(0);
         self.processed_seq = self.processed_seq.max(newest);
-        let message_bytes = messages.iter().map(Incoming::retained_bytes).sum();
         let committed = Committed {
             messages,
             kv_writes: applied.kv_writes,
@@ -888,14 +887,12 @@ impl Pipeline {
             outbox_len: applied.outbox_len,
             keys: applied.keys,
             started,
-            message_bytes,
         };
         // The sink writes KV, dead-letters and acks, in commit order, while the next batch is
         // applied.
         match &self.jobs {
             Some(jobs) => {
-                let writes: usize = committed.kv_writes.iter().map(effects::write_bytes).sum();
-                let bytes = writes + committed.message_bytes;
+                let bytes = committed.kv_writes.iter().map(effects::write_bytes).sum();
                 tokio::select! {
                     _ = self.fx.reserve_kv(bytes) => {}
                     _ = jobs.closed() => {}
