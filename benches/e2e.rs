@@ -103,10 +103,19 @@ async fn publish(
     }
 }
 
-/// Ceiling 1: a durable pull consumer draining and acking every message.
-async fn consume_ceiling(js: &jetstream::Context, stream: &str, events: usize) -> f64 {
+/// A fresh durable over all of `stream` (explicit acks, 100,000 unacked at most), for a peer
+/// measured beside the projector; returns the stream, the durable's name and the consumer.
+async fn bench_durable(
+    js: &jetstream::Context,
+    stream: &str,
+    prefix: &str,
+) -> (
+    jetstream::stream::Stream,
+    String,
+    jetstream::consumer::PullConsumer,
+) {
     let stream = js.get_stream(stream).await.unwrap();
-    let name = format!("ceiling{}", now_us());
+    let name = format!("{prefix}{}", now_us());
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some(name.clone()),
@@ -116,6 +125,12 @@ async fn consume_ceiling(js: &jetstream::Context, stream: &str, events: usize) -
         })
         .await
         .unwrap();
+    (stream, name, consumer)
+}
+
+/// Ceiling 1: a durable pull consumer draining and acking every message.
+async fn consume_ceiling(js: &jetstream::Context, stream: &str, events: usize) -> f64 {
+    let (stream, name, consumer) = bench_durable(js, stream, "ceiling").await;
     let started = Instant::now();
     let mut messages = consumer
         .stream()
@@ -170,17 +185,7 @@ async fn kv_ceiling(js: &jetstream::Context, keys: usize) -> f64 {
 /// coalescing, no sequence guard), then ack every message.
 async fn naive_loop(js: &jetstream::Context, stream: &str, events: usize) -> f64 {
     const RECORDS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("records");
-    let stream = js.get_stream(stream).await.unwrap();
-    let name = format!("naive{}", now_us());
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(name.clone()),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (stream, name, consumer) = bench_durable(js, stream, "naive").await;
     let kv = js
         .create_key_value(kv::Config {
             bucket: name.clone(),

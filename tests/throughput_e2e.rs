@@ -59,33 +59,25 @@ async fn drain_fixture(projection: &str) -> Drained {
 async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
     let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 1000");
     let run = drain_fixture(&format!("{projection}max_ack_pending = 8000\n")).await;
-    let (js, port, dir, log, projector, oracle) = (
-        &run.js,
-        run.port,
-        &run.dir,
-        &run.log,
-        run.projector,
-        &run.oracle,
-    );
     let count = run.events as f64;
     let labels = [("projection", "orders")];
     eventually(
         Duration::from_secs(10),
         "every batch to be counted",
-        || async { metric(port, "projector_batch_size_sum", &labels).await == Some(count) },
+        || async { metric(run.port, "projector_batch_size_sum", &labels).await == Some(count) },
     )
     .await;
-    let batches = metric(port, "projector_batch_size_count", &labels)
+    let batches = metric(run.port, "projector_batch_size_count", &labels)
         .await
         .unwrap_or(0.0);
     let mean = count / batches;
     assert!(
         mean >= 300.0,
         "{count} backlogged events took {batches} batches (mean {mean:.0}, batch = 1000)\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
+        std::fs::read_to_string(&run.log).unwrap_or_default()
     );
-    assert_eq!(projector.terminate(), Some(0));
-    assert_fixture_model(js, &dir.path().join("store.redb"), oracle).await;
+    assert_eq!(run.projector.terminate(), Some(0));
+    assert_fixture_model(&run.js, &run.dir.path().join("store.redb"), &run.oracle).await;
 }
 
 /// A catch-up over few keys gathers committed batches before writing KV, so a key that recurs
@@ -96,24 +88,16 @@ async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catch_up_over_few_keys_coalesces_kv_writes_across_batches() {
     let run = drain_fixture(&format!("{FIXTURE_PROJECTION}max_ack_pending = 4096\n")).await;
-    let (js, port, dir, log, projector, oracle) = (
-        &run.js,
-        run.port,
-        &run.dir,
-        &run.log,
-        run.projector,
-        &run.oracle,
-    );
     let count = run.events;
     let labels = [("projection", "orders"), ("result", "ok")];
-    let writes = metric(port, "projector_kv_writes_total", &labels)
+    let writes = metric(run.port, "projector_kv_writes_total", &labels)
         .await
         .unwrap_or(f64::MAX);
     assert!(
         writes < 1500.0,
         "{count} backlogged events over 200 keys took {writes} KV writes\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
+        std::fs::read_to_string(&run.log).unwrap_or_default()
     );
-    assert_eq!(projector.terminate(), Some(0));
-    assert_fixture_model(js, &dir.path().join("store.redb"), oracle).await;
+    assert_eq!(run.projector.terminate(), Some(0));
+    assert_fixture_model(&run.js, &run.dir.path().join("store.redb"), &run.oracle).await;
 }
