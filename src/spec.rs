@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::config::{EnvelopeFormat, ProjectionConfig, ReducerKind};
-use crate::decode::{Decoder, ErrorCode, Event, Format, Poison};
+use crate::decode::{Decoder, ErrorCode, Event, Format, Keep, Poison};
 use crate::dlq::DlqTemplate;
 use crate::key::{self, Context, Part, Resolved, Template};
 use crate::reduce::{Counter, Latest, Merge, Projection};
@@ -124,6 +124,20 @@ impl Spec {
             EnvelopeFormat::Cloudevents => Format::CloudEvents,
             EnvelopeFormat::Fields => Format::Fields(config.envelope.field_map()),
         };
+        // Built-in reducers read the data only: the envelope keeps what the templates name.
+        let keep = if config.reducer == ReducerKind::Custom {
+            Keep::All
+        } else {
+            let named = key.parts().iter().chain(epoch.iter());
+            Keep::Only(
+                named
+                    .filter_map(|part| match part {
+                        Part::Field(name) => Some(name.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        };
         let dlq =
             DlqTemplate::parse(&config.dlq_subject).map_err(|e| format!("dlq_subject: {e}"))?;
         Ok(Spec {
@@ -137,6 +151,7 @@ impl Spec {
                 format,
                 max_bytes: config.max_event_bytes,
                 max_depth: config.max_depth,
+                keep,
             },
             dedupe_window_ms: u64::try_from(config.dedupe_window.as_millis()).unwrap_or(u64::MAX),
             dlq,

@@ -28,7 +28,8 @@ pub struct Event {
     pub correlation_id: Option<String>,
     /// The event's data (`data` in CloudEvents); `null` when absent.
     pub data: Value,
-    /// The other top-level fields of the envelope, for `{FIELD}` templates.
+    /// The other top-level fields of the envelope, for `{FIELD}` templates and custom reducers
+    /// (with [`Keep::Only`], the fields it names and those decoding reads).
     pub envelope: Map<String, Value>,
 }
 
@@ -111,6 +112,19 @@ pub struct Decoder {
     pub max_bytes: usize,
     /// Payloads nesting deeper than this are `too_deep`.
     pub max_depth: usize,
+    /// Which top-level fields [`Event::envelope`] keeps.
+    pub keep: Keep,
+}
+
+/// Which top-level envelope fields a decoded [`Event`] keeps in [`Event::envelope`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Keep {
+    /// Every field but the data (custom reducers may read any).
+    #[default]
+    All,
+    /// These (the fields the projection's templates name) and those decoding reads; the
+    /// others are skipped while parsing, never allocated.
+    Only(Vec<String>),
 }
 
 impl Default for Decoder {
@@ -119,6 +133,7 @@ impl Default for Decoder {
             format: Format::CloudEvents,
             max_bytes: 1024 * 1024,
             max_depth: 64,
+            keep: Keep::All,
         }
     }
 }
@@ -148,30 +163,127 @@ impl Decoder {
                 ),
             ));
         }
-        let value: Value = serde_json::from_slice(payload).map_err(|err| {
-            Poison::new(
-                ErrorCode::InvalidJson,
-                format!(
-                    "payload is not JSON (line {}, column {})",
-                    err.line(),
-                    err.column()
-                ),
-            )
-        })?;
-        let Value::Object(envelope) = value else {
-            return Err(Poison::new(
-                ErrorCode::InvalidEnvelope,
-                "payload is not a JSON object",
-            ));
+        let seed = EnvelopeSeed {
+            decoder: self,
+            data_field: match &self.format {
+                Format::CloudEvents => "data",
+                Format::Fields(map) => &map.data,
+            },
+        };
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        let (envelope, data) = match serde::de::DeserializeSeed::deserialize(seed, &mut de)
+            .and_then(|parsed| de.end().map(|()| parsed))
+        {
+            Ok(parsed) => parsed,
+            // Valid JSON of another type than an object (a syntax error anywhere wins).
+            Err(err)
+                if err.is_data()
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() =>
+            {
+                return Err(Poison::new(
+                    ErrorCode::InvalidEnvelope,
+                    "payload is not a JSON object",
+                ));
+            }
+            Err(err) => {
+                let err = serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                    .err()
+                    .unwrap_or(err);
+                return Err(Poison::new(
+                    ErrorCode::InvalidJson,
+                    format!(
+                        "payload is not JSON (line {}, column {})",
+                        err.line(),
+                        err.column()
+                    ),
+                ));
+            }
         };
         match &self.format {
-            Format::CloudEvents => cloudevent(envelope),
-            Format::Fields(map) => mapped(envelope, map),
+            Format::CloudEvents => cloudevent(envelope, data),
+            Format::Fields(map) => mapped(envelope, data, map),
+        }
+    }
+
+    /// Whether the top-level field `name` is parsed into the envelope map: the fields decoding
+    /// reads, and those [`Decoder::keep`] names.
+    fn parses(&self, name: &str) -> bool {
+        let read = match &self.format {
+            Format::CloudEvents => CLOUDEVENT_FIELDS.contains(&name),
+            Format::Fields(map) => {
+                name == map.id
+                    || name == map.event_type
+                    || [
+                        &map.version,
+                        &map.time,
+                        &map.idempotency_key,
+                        &map.correlation_id,
+                    ]
+                    .into_iter()
+                    .any(|f| f.as_deref() == Some(name))
+            }
+        };
+        read || match &self.keep {
+            Keep::All => true,
+            Keep::Only(fields) => fields.iter().any(|f| f == name),
         }
     }
 }
 
-fn cloudevent(mut envelope: Map<String, Value>) -> Result<Event, Poison> {
+/// The CloudEvents attributes decoding reads (the data aside).
+const CLOUDEVENT_FIELDS: [&str; 8] = [
+    "specversion",
+    "source",
+    "id",
+    "type",
+    "data_base64",
+    "time",
+    "correlationid",
+    "dataversion",
+];
+
+/// Parses an envelope object in one pass: its data field apart, the fields [`Decoder::parses`]
+/// into a map, the rest checked for syntax and skipped without allocating.
+struct EnvelopeSeed<'a> {
+    decoder: &'a Decoder,
+    data_field: &'a str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'_> {
+    type Value = (Map<String, Value>, Value);
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EnvelopeSeed<'_> {
+    type Value = (Map<String, Value>, Value);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut access: A,
+    ) -> Result<Self::Value, A::Error> {
+        let (mut envelope, mut data) = (Map::new(), Value::Null);
+        // Later duplicates win, as in a parsed `Value`.
+        while let Some(name) = access.next_key::<std::borrow::Cow<'de, str>>()? {
+            if name == self.data_field {
+                data = access.next_value()?;
+            } else if self.decoder.parses(&name) {
+                envelope.insert(name.into_owned(), access.next_value()?);
+            } else {
+                access.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok((envelope, data))
+    }
+}
+
+fn cloudevent(envelope: Map<String, Value>, data: Value) -> Result<Event, Poison> {
     let specversion = required_string(&envelope, "specversion")?;
     if specversion != "1.0" {
         return Err(Poison::new(
@@ -191,7 +303,6 @@ fn cloudevent(mut envelope: Map<String, Value>) -> Result<Event, Poison> {
     let time = optional_string(&envelope, "time")?;
     let correlation_id = optional_string(&envelope, "correlationid")?;
     let version = optional_text(&envelope, "dataversion")?;
-    let data = envelope.remove("data").unwrap_or(Value::Null);
     Ok(Event {
         id,
         event_type,
@@ -204,7 +315,7 @@ fn cloudevent(mut envelope: Map<String, Value>) -> Result<Event, Poison> {
     })
 }
 
-fn mapped(mut envelope: Map<String, Value>, map: &FieldMap) -> Result<Event, Poison> {
+fn mapped(envelope: Map<String, Value>, data: Value, map: &FieldMap) -> Result<Event, Poison> {
     let id = required_string(&envelope, &map.id)?;
     let event_type = required_string(&envelope, &map.event_type)?;
     let optional = |field: &Option<String>, envelope: &Map<String, Value>| match field {
@@ -215,7 +326,6 @@ fn mapped(mut envelope: Map<String, Value>, map: &FieldMap) -> Result<Event, Poi
     let time = optional(&map.time, &envelope)?;
     let idempotency_key = optional(&map.idempotency_key, &envelope)?;
     let correlation_id = optional(&map.correlation_id, &envelope)?;
-    let data = envelope.remove(&map.data).unwrap_or(Value::Null);
     Ok(Event {
         id,
         event_type,

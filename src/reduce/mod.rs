@@ -32,6 +32,12 @@ pub trait Projection: Send + Sync + 'static {
     /// Folds `event` into `state` (`None` for a new key or after a delete).
     fn apply(&self, state: Option<Value>, event: &Event) -> Result<Change, ReduceError>;
 
+    /// [`Projection::apply`] when the caller is done with the event: a reducer may take
+    /// `event.data` instead of cloning it. The default calls `apply`.
+    fn apply_owned(&self, state: Option<Value>, event: &mut Event) -> Result<Change, ReduceError> {
+        self.apply(state, event)
+    }
+
     /// Whether `apply` reads the previous state. `false` lets the store skip parsing it.
     fn needs_state(&self) -> bool {
         true
@@ -53,6 +59,10 @@ impl Projection for Latest {
         Ok(Change::Put(event.data.clone()))
     }
 
+    fn apply_owned(&self, _state: Option<Value>, event: &mut Event) -> Result<Change, ReduceError> {
+        Ok(Change::Put(std::mem::take(&mut event.data)))
+    }
+
     fn needs_state(&self) -> bool {
         false
     }
@@ -70,6 +80,12 @@ impl Projection for Merge {
     fn apply(&self, state: Option<Value>, event: &Event) -> Result<Change, ReduceError> {
         let mut target = state.unwrap_or_else(|| Value::Object(Map::new()));
         merge_patch(&mut target, event.data.clone());
+        Ok(Change::Put(target))
+    }
+
+    fn apply_owned(&self, state: Option<Value>, event: &mut Event) -> Result<Change, ReduceError> {
+        let mut target = state.unwrap_or_else(|| Value::Object(Map::new()));
+        merge_patch(&mut target, std::mem::take(&mut event.data));
         Ok(Change::Put(target))
     }
 

@@ -7,13 +7,14 @@
 //! Every table of a projection is namespaced by `name@vVERSION`, so a rebuild can write a new
 //! version beside the live one.
 
+mod filter;
 mod record;
 
 pub use record::{Checkpoint, DeadNote, KvValue, Record};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -370,6 +371,8 @@ pub struct Store {
     cache_bytes: usize,
     /// `None` only while a reopen is in progress.
     db: RwLock<Option<Arc<Database>>>,
+    /// The dedupe markers' negative cache; used and changed only under a write transaction.
+    filters: Mutex<filter::Filters>,
 }
 
 impl std::fmt::Debug for Store {
@@ -401,6 +404,7 @@ impl Store {
             path: path.to_owned(),
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
+            filters: Mutex::default(),
         };
         store.check_format()?;
         Ok(store)
@@ -423,6 +427,15 @@ impl Store {
     /// Size of the database file in bytes.
     pub fn file_size(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The dedupe filters (emptied if a panic poisoned them: forgetting is always safe).
+    fn filters(&self) -> MutexGuard<'_, filter::Filters> {
+        self.filters.lock().unwrap_or_else(|poisoned| {
+            let mut filters = poisoned.into_inner();
+            *filters = filter::Filters::default();
+            filters
+        })
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
@@ -498,6 +511,7 @@ impl Store {
         let with_kv = spec.config.kv_bucket.is_some();
         let window = spec.dedupe_window_ms;
         let txn = db.begin_write()?;
+        let mut filters = self.filters();
         let mut applied = Applied {
             outcomes: Vec::with_capacity(items.len()),
             ..Applied::default()
@@ -521,7 +535,8 @@ impl Store {
                 &mut outbox,
                 &mut dead,
                 &mut dedupe,
-            )?;
+            )?
+            .inspect(|horizon| filters.expire(&spec.namespace, *horizon));
             let confirmed_revisions: HashMap<&str, u64> = house
                 .kv_confirmed
                 .iter()
@@ -536,6 +551,18 @@ impl Store {
             let needs_state = spec.reducer.needs_state();
             let infallible = spec.reducer.infallible();
 
+            // Dead letters among this batch's sequences, read with one range scan (usually
+            // none) instead of one lookup per event.
+            let dead_here: HashSet<u64> = match (
+                items.iter().map(Item::seq).min(),
+                items.iter().map(Item::seq).max(),
+            ) {
+                (Some(lo), Some(hi)) => dead
+                    .range(lo..=hi)?
+                    .map(|entry| entry.map(|(seq, _)| seq.value()))
+                    .collect::<Result<_, _>>()?,
+                _ => HashSet::new(),
+            };
             for item in items {
                 // At or below the ack floor: processed and acked before (a replay through a
                 // re-created durable). An explicit backfill goes through the key guards only.
@@ -543,7 +570,7 @@ impl Store {
                     applied.outcomes.push(Outcome::Duplicate);
                     continue;
                 }
-                if dead.get(item.seq())?.is_some() {
+                if dead_here.contains(&item.seq()) {
                     applied.outcomes.push(Outcome::AlreadyDead);
                     continue;
                 }
@@ -554,6 +581,7 @@ impl Store {
                     }
                     Item::Event(p) => p,
                 };
+                let mut p = p;
                 if !working.contains_key(&p.key) {
                     let stored = records
                         .get(p.key.as_str())?
@@ -578,6 +606,11 @@ impl Store {
                     let id = p.event.dedupe_id();
                     let mut seen = false;
                     for b in [bucket, bucket.saturating_sub(1), bucket + 1] {
+                        // Most ids are new: the filter says so without a table lookup.
+                        let load = |add: &mut dyn FnMut(&str) -> bool| bucket_ids(&dedupe, b, add);
+                        if !filters.may_contain(&spec.namespace, b, id, load)? {
+                            continue;
+                        }
                         if let Some(marker) = dedupe.get((b, id))? {
                             let (_, marker_ms) = marker.value();
                             if p.publish_ms.abs_diff(marker_ms) <= window {
@@ -604,7 +637,7 @@ impl Store {
                     let backup = if infallible { None } else { state.clone() };
                     // A panicking reducer refuses the event, like an error does.
                     let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        spec.reducer.apply(state, &p.event)
+                        spec.reducer.apply_owned(state, &mut p.event)
                     }))
                     .unwrap_or_else(|panic| {
                         Err(crate::reduce::ReduceError(format!(
@@ -641,6 +674,7 @@ impl Store {
                 w.dirty = true;
                 if window > 0 {
                     dedupe.insert((bucket, p.event.dedupe_id()), (p.seq, p.publish_ms))?;
+                    filters.insert(&spec.namespace, bucket, p.event.dedupe_id());
                 }
                 w.event_id = p.event.id;
                 applied_count += 1;
@@ -719,7 +753,8 @@ impl Store {
                 &mut outbox,
                 &mut dead,
                 &mut dedupe,
-            )?;
+            )?
+            .inspect(|horizon| self.filters().expire(&spec.namespace, *horizon));
             if checkpoint != before {
                 meta.insert(
                     tables.checkpoint_key.as_str(),
@@ -944,7 +979,8 @@ fn fold_housekeeping(
     outbox: &mut OutboxTable<'_>,
     dead: &mut DeadTable<'_>,
     dedupe: &mut DedupeTable<'_>,
-) -> Result<(), StoreError> {
+) -> Result<Option<u64>, StoreError> {
+    let mut expired_below = None;
     for c in &house.kv_confirmed {
         // Only clear the entry if no newer batch re-dirtied the key meanwhile.
         let done = matches!(outbox.get(c.key.as_str())?, Some(v) if v.value() <= c.seq);
@@ -971,8 +1007,25 @@ fn fold_housekeeping(
                 let expired = matches!(dedupe.first()?, Some((k, _)) if k.value().0 < horizon);
                 if expired {
                     dedupe.retain_in::<(u64, &str), _>(..(horizon, ""), |_, _| false)?;
+                    expired_below = Some(horizon);
                 }
             }
+        }
+    }
+    Ok(expired_below)
+}
+
+/// Calls `add` with every dedupe id of `bucket`, until it returns `false`.
+fn bucket_ids(
+    dedupe: &DedupeTable<'_>,
+    bucket: u64,
+    add: &mut dyn FnMut(&str) -> bool,
+) -> Result<(), StoreError> {
+    for entry in dedupe.range::<(u64, &str)>((bucket, "")..)? {
+        let (key, _) = entry?;
+        let (b, id) = key.value();
+        if b != bucket || !add(id) {
+            break;
         }
     }
     Ok(())
@@ -1059,6 +1112,8 @@ impl Store {
             let mut outbox = txn.open_table(tables.outbox())?;
             let mut dead = txn.open_table(tables.dead())?;
             let mut meta = txn.open_table(META)?;
+            // Under the write transaction: no batch can load the old markers meanwhile.
+            self.filters().forget(namespace);
             records.retain(|_, _| false)?;
             dedupe.retain(|_, _| false)?;
             outbox.retain(|_, _| false)?;

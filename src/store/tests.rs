@@ -47,3 +47,53 @@ fn republished_id_in_one_batch_is_a_duplicate() {
         );
     }
 }
+
+/// The dedupe filter of a fresh handle loads the markers already in the file, in every bucket
+/// the window reaches (the one before, the same, the one after), and an import replaces them.
+#[test]
+fn dedupe_markers_survive_a_reopen_and_an_import() {
+    let spec = spec_for("counter", "dedupe_window = \"1s\"");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let d = |k: &str| serde_json::json!({"k": k});
+    {
+        let store = Store::open(&path, 4).unwrap();
+        let items = vec![
+            item(&spec, 1, 10_999, "early", d("a")),
+            item(&spec, 2, 11_500, "mid", d("b")),
+            item(&spec, 3, 12_001, "late", d("c")),
+        ];
+        let applied = store
+            .apply(&spec, items, &Housekeeping::default(), None)
+            .unwrap();
+        assert_eq!(applied.outcomes, vec![Outcome::Applied; 3]);
+    }
+    let store = Store::open(&path, 4).unwrap();
+    // Re-published within the window, under other keys, from the neighbouring buckets.
+    let again = vec![
+        item(&spec, 4, 11_600, "early", d("x")),
+        item(&spec, 5, 11_600, "mid", d("y")),
+        item(&spec, 6, 11_600, "late", d("z")),
+        item(&spec, 7, 11_600, "new", d("w")),
+    ];
+    let applied = store
+        .apply(&spec, again, &Housekeeping::default(), None)
+        .unwrap();
+    let mut expected = vec![Outcome::Duplicate; 3];
+    expected.push(Outcome::Applied);
+    assert_eq!(applied.outcomes, expected);
+
+    // An import that carries a marker the filter has never seen.
+    let mut contents = store.export(&spec.namespace).unwrap();
+    contents.markers.push((11, "imported".into(), 8, 11_700));
+    store.import(&spec.namespace, &contents, false).unwrap();
+    let applied = store
+        .apply(
+            &spec,
+            vec![item(&spec, 9, 11_800, "imported", d("v"))],
+            &Housekeeping::default(),
+            None,
+        )
+        .unwrap();
+    assert_eq!(applied.outcomes, vec![Outcome::Duplicate]);
+}
