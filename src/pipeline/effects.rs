@@ -441,7 +441,7 @@ impl Effects {
 /// After a cancelled hold it completes nothing more: what is left stays unacked and is
 /// redelivered to the next run (its effect is in the store and the outbox).
 ///
-/// During a catch-up (the newest batch was delivered with more messages pending behind it)
+/// During a catch-up (the newest batch was delivered with a full batch or more pending behind it)
 /// over fewer keys than half of `max_ack_pending`, the sink waits, up to [`GATHER_MAX_WAIT`],
 /// until that many messages are committed before writing KV: a key that recurs across the
 /// backlog is written once per group, not once per batch. The other half keeps the apply side
@@ -473,9 +473,11 @@ pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     let newest = group.last();
+                    // At least a full batch behind the newest message: a catch-up. Fewer is
+                    // steady state catching a burst, where waiting would only add latency.
                     let backlog = newest
                         .and_then(|c| c.messages.last())
-                        .is_some_and(|m| m.pending > 0);
+                        .is_some_and(|m| m.pending >= fx.spec.config.batch as u64);
                     let coalescible = newest.is_some_and(|c| c.keys < target as u64);
                     // Registered before the flag is read, so a wait that starts in between is
                     // not missed.
