@@ -5,7 +5,7 @@
 //! there first: the entry is re-read and the newer `last_applied_stream_seq` wins. So KV never
 //! moves a key backwards, whatever the writers.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 use async_nats::HeaderMap;
@@ -92,7 +92,7 @@ impl KvWriter {
             kv,
             prefix: format!("$KV.{bucket}."),
             in_flight: in_flight.max(1),
-            revisions: Mutex::new(HashMap::new()),
+            revisions: Mutex::new(HashMap::default()),
         }
     }
 

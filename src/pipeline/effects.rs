@@ -11,7 +11,9 @@
 //! - a message is acked only after every KV write and dead letter of its group is
 //!   acknowledged; infrastructure failures hold the whole group (in-progress acks) and retry.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 

@@ -10,7 +10,7 @@
 //! [`Filters::forget`].
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::hash::BuildHasher;
 
 /// Ids a bucket filters at most; beyond it the bucket is always looked up in the table (keeps
 /// memory bounded: about 12 bits per id, so 2 M ids take ~3-6 MiB).
@@ -116,7 +116,7 @@ impl Filters {
 }
 
 fn hash(id: &str) -> u64 {
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
+    foldhash::quality::FixedState::with_seed(0x6e61_7473_2d70_726f).hash_one(id)
 }
 
 /// A scalable blocked Bloom filter: layers of growing size; each id sets 4 bits of one 64-bit

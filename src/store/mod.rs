@@ -12,7 +12,9 @@ mod record;
 
 pub use record::{Checkpoint, DeadNote, KvValue, Record};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -544,9 +546,7 @@ impl Store {
                 .collect();
             let floor = checkpoint.acked_floor;
 
-            // Keys this batch touched (KV writes are issued in key order, deterministically).
-            let mut order: Vec<String> = Vec::new();
-            let mut working: HashMap<String, Working> = HashMap::new();
+            let mut working: HashMap<String, Working> = HashMap::default();
             let mut applied_count = 0u64;
             let needs_state = spec.reducer.needs_state();
             let infallible = spec.reducer.infallible();
@@ -591,7 +591,6 @@ impl Store {
                     if let Some(rev) = confirmed_revisions.get(p.key.as_str()) {
                         w.kv_revision = w.kv_revision.max(*rev);
                     }
-                    order.push(p.key.clone());
                     working.insert(p.key.clone(), w);
                 }
                 let Some(w) = working.get_mut(&p.key) else {
@@ -682,15 +681,12 @@ impl Store {
             }
 
             // Written in key order: neighbouring keys share B-tree pages, so a batch dirties
-            // (and copies on write) fewer pages than in arrival order.
-            order.sort_unstable();
-            for key in order {
-                let Some(w) = working.remove(&key) else {
-                    continue;
-                };
-                if !w.dirty {
-                    continue;
-                }
+            // (and copies on write) fewer pages than in arrival order. KV writes follow the
+            // same order (deterministic).
+            let mut dirty: Vec<(String, Working)> =
+                working.into_iter().filter(|(_, w)| w.dirty).collect();
+            dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, w) in dirty {
                 let record = w.into_record()?;
                 records.insert(key.as_str(), encode(&record)?.as_slice())?;
                 if with_kv {
