@@ -272,6 +272,7 @@ async fn catchup(
     reducer: &str,
     kv_bucket: Option<&str>,
     events: usize,
+    ack_policy: &str,
 ) -> Catchup {
     let dir = tempfile::tempdir().unwrap();
     let sum = if reducer == "counter" {
@@ -296,7 +297,8 @@ async fn catchup(
     );
     let projection = format!(
         "[[projection]]\nname = \"{name}\"\nstream = \"{stream}\"\nkey = \"{{data.k}}\"\nreducer = \"{reducer}\"\n\
-         {sum}{bucket}batch = {batch}\nmax_ack_pending = {max_ack_pending}\ndedupe_window = \"10m\"\n"
+         {sum}{bucket}batch = {batch}\nmax_ack_pending = {max_ack_pending}\ndedupe_window = \"10m\"\n\
+         ack_policy = \"{ack_policy}\"\n"
     );
     let port = common::free_port();
     let config = common::write_config(server, dir.path(), port, &projection);
@@ -616,6 +618,8 @@ async fn main() {
     eprintln!("ceilings measured");
 
     let mut catchups = serde_json::Map::new();
+    // BENCH_ACK_POLICY=all runs the KV catch-ups with one ack per group.
+    let kv_acks = std::env::var("BENCH_ACK_POLICY").unwrap_or_else(|_| "explicit".into());
     for (stream, keys, events) in [
         ("K100", 100usize, o.events),
         ("K10K", 10_000, o.events),
@@ -630,7 +634,16 @@ async fn main() {
             let mut store = 0.0;
             for run in 0..o.runs {
                 let bucket = format!("b{keys}{reducer}{run}");
-                let c = catchup(&server, &js, stream, reducer, Some(&bucket), events).await;
+                let c = catchup(
+                    &server,
+                    &js,
+                    stream,
+                    reducer,
+                    Some(&bucket),
+                    events,
+                    &kv_acks,
+                )
+                .await;
                 rates.push(c.rate);
                 rss.push(c.rss_mib);
                 store = c.store_mib;
@@ -662,29 +675,25 @@ async fn main() {
             catchups.insert(format!("{reducer}/{keys}"), entry);
         }
     }
-    let mut store_only = Vec::new();
-    for _ in 0..if wanted("store-only") { o.runs } else { 0 } {
-        store_only.push(
-            catchup(&server, &js, "K10K", "latest", None, o.events)
-                .await
-                .rate,
+    // Local store only, with an ack per message and with one per group (ack_policy = "all").
+    for (label, ack_policy) in [("store-only", "explicit"), ("store-only-ack-all", "all")] {
+        let mut rates = Vec::new();
+        for _ in 0..if wanted(label) { o.runs } else { 0 } {
+            let c = catchup(&server, &js, "K10K", "latest", None, o.events, ack_policy).await;
+            rates.push(c.rate);
+        }
+        let rate = if rates.is_empty() { 0.0 } else { median(rates) };
+        rows.push((
+            format!("catch-up latest, 10000 keys, redb only (no KV), ack_policy = {ack_policy}"),
+            rate,
+            "events/s vs consume+ack".into(),
+            Some(rate / consume),
+        ));
+        catchups.insert(
+            format!("latest/10000/{label}"),
+            json!({"events_per_s": rate, "ratio": rate / consume}),
         );
     }
-    let store_only = if store_only.is_empty() {
-        0.0
-    } else {
-        median(store_only)
-    };
-    rows.push((
-        "catch-up latest, 10000 keys, redb only (no KV)".into(),
-        store_only,
-        "events/s vs consume+ack".into(),
-        Some(store_only / consume),
-    ));
-    catchups.insert(
-        "latest/10000/store-only".into(),
-        json!({"events_per_s": store_only, "ratio": store_only / consume}),
-    );
     report.insert("catch_up".into(), Value::Object(catchups));
     eprintln!("catch-ups measured");
 

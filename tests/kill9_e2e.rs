@@ -19,6 +19,17 @@ const KILL_AFTER_MS: [u64; 8] = [350, 800, 250, 1100, 500, 300, 900, 450];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loop_under_load_converges_without_regression() {
+    kill_9_loop("explicit").await;
+}
+
+/// The same with `ack_policy = "all"`: one ack per completed group must never cover an event
+/// that is not applied, whatever the kills cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loop_with_bulk_acks_converges_without_regression() {
+    kill_9_loop("all").await;
+}
+
+async fn kill_9_loop(ack_policy: &str) {
     let server = NatsServer::start();
     let (_client, js) = server.jetstream().await;
     create_stream(&js, "LOAD", &["load.>"]).await;
@@ -26,21 +37,20 @@ async fn kill_9_loop_under_load_converges_without_regression() {
     let watch = MonotonicWatch::start(&js, "load_view").await;
 
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        &server,
-        dir.path(),
-        0,
+    let projection = format!(
         r#"
         [[projection]]
         name = "load"
         stream = "LOAD"
-        key = "k.{data.k}"
+        key = "k.{{data.k}}"
         reducer = "merge"
         kv_bucket = "load_view"
         batch = 128
         ack_wait = "2s"
-        "#,
+        ack_policy = "{ack_policy}"
+        "#
     );
+    let config = write_config(&server, dir.path(), 0, &projection);
     let log = dir.path().join("projector.log");
 
     // The publisher: steady batches, recording what the stream acknowledged.
@@ -78,6 +88,10 @@ async fn kill_9_loop_under_load_converges_without_regression() {
     let published = publisher.await.unwrap();
     let projector = Child2::run(&config, &[], &log);
     wait_drained(&js, "LOAD", "projector__load_v1", Duration::from_secs(120)).await;
+    let durable = js.get_stream("LOAD").await.unwrap();
+    let info = durable.consumer_info("projector__load_v1").await.unwrap();
+    let policy = serde_json::to_value(info.config.ack_policy).unwrap();
+    assert_eq!(policy, json!(ack_policy), "the durable's ack policy");
     assert_eq!(
         projector.terminate(),
         Some(0),

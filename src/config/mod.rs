@@ -161,6 +161,20 @@ pub enum StorageKind {
     Memory,
 }
 
+/// How the projector acknowledges the messages it has applied (the consumer's ack policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// Every message is acked on its own (`AckPolicy::Explicit`, the default).
+    #[default]
+    Explicit,
+    /// One ack per completed group of batches, for its newest message (`AckPolicy::All`
+    /// acknowledges every earlier delivery too). Safe here because groups complete in stream
+    /// order and one process owns a durable; an existing durable keeps the policy it was
+    /// created with (NATS cannot change it).
+    All,
+}
+
 /// `format` of `[projection.envelope]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -266,6 +280,10 @@ pub struct ProjectionConfig {
     /// Consumer `max_ack_pending`. Default: 2048.
     #[serde(default = "defaults::max_ack_pending")]
     pub max_ack_pending: i64,
+    /// `explicit` (an ack per message, the default) or `all` (an ack per completed group:
+    /// fewer messages for nats-server and the projector during catch-ups).
+    #[serde(default)]
+    pub ack_policy: AckMode,
     /// Consumer `ack_wait`. Default: 30s.
     #[serde(default = "defaults::ack_wait", with = "duration")]
     pub ack_wait: Duration,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{NatsConfig, StorageKind};
+use crate::config::{AckMode, NatsConfig, StorageKind};
 use crate::spec::Spec;
 
 /// Why talking to NATS failed.
@@ -140,7 +140,10 @@ pub fn consumer_config(spec: &Spec, start_after: u64) -> pull::Config {
                 start_sequence: start_after + 1,
             }
         },
-        ack_policy: AckPolicy::Explicit,
+        ack_policy: match c.ack_policy {
+            AckMode::Explicit => AckPolicy::Explicit,
+            AckMode::All => AckPolicy::All,
+        },
         ack_wait: c.ack_wait,
         max_deliver: c.max_deliver,
         max_ack_pending: c.max_ack_pending,
@@ -165,6 +168,15 @@ pub async fn bind_consumer(
             wanted.deliver_policy = current.deliver_policy;
             wanted.replay_policy = current.replay_policy;
             wanted.description = current.description.clone();
+            if current.ack_policy != wanted.ack_policy {
+                return Err(api(
+                    format!("bind consumer {}", spec.durable),
+                    format!(
+                        "the durable exists with ack policy {:?} and the configuration asks for                          {:?}; NATS cannot change it: delete the durable (it is re-created at                          the store's checkpoint) or set ack_policy back",
+                        current.ack_policy, wanted.ack_policy
+                    ),
+                ));
+            }
             if needs_update(&current, &wanted) {
                 tracing::info!(consumer = %spec.durable, "updating the durable consumer's configuration");
                 stream
@@ -195,7 +207,6 @@ fn needs_update(current: &jetstream::consumer::Config, wanted: &pull::Config) ->
         || current.max_ack_pending != wanted.max_ack_pending
         || current.filter_subject != wanted.filter_subject
         || current.filter_subjects != wanted.filter_subjects
-        || current.ack_policy != wanted.ack_policy
         || !current.backoff.is_empty()
 }
 
@@ -357,6 +368,11 @@ impl Incoming {
                 tracing::warn!(error = %err, stream_seq = self.seq, "could not send an ack");
             }
         }
+    }
+
+    /// Whether this message can be acked (it was delivered, not read back from the stream).
+    pub fn ackable(&self) -> bool {
+        self.reply.is_some()
     }
 
     /// Drops what only decoding and dead-lettering need (payload, headers) once the message's

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{StatusCell, age_seconds, crash};
+use crate::config::AckMode;
 use crate::consume::{self, Incoming};
 use crate::decode::Poison;
 use crate::dlq::DeadLetter;
@@ -386,8 +387,26 @@ impl Effects {
                 }
             }
         }
-        for c in &group {
-            consume::ack_all(&self.client, &c.messages, AckKind::Ack).await;
+        match self.spec.config.ack_policy {
+            AckMode::Explicit => {
+                for c in &group {
+                    consume::ack_all(&self.client, &c.messages, AckKind::Ack).await;
+                }
+            }
+            // AckPolicy::All: the newest message acks every earlier delivery, and every one of
+            // them is done: groups complete in stream order, each after its KV writes and dead
+            // letters. A group of read-back messages only is acked by the next delivered one
+            // (or by their redelivery, as with explicit acks).
+            AckMode::All => {
+                let newest = group
+                    .iter()
+                    .flat_map(|c| c.messages.iter())
+                    .filter(|m| m.ackable())
+                    .max_by_key(|m| m.seq);
+                if let Some(m) = newest {
+                    m.ack(&self.client, AckKind::Ack).await;
+                }
+            }
         }
         let acked = started.elapsed();
         for c in &group {
