@@ -167,3 +167,57 @@ async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
     assert_eq!(projector.terminate(), Some(0));
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
+
+/// NATS cannot change a durable's ack policy: a configuration asking for the other one is
+/// refused with the reason (nothing is consumed), and the same durable binds once the
+/// configuration matches it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    let (events, expected) = fixture();
+    publish_all(&js, events).await;
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("projector__orders_v1".into()),
+            ack_policy: AckPolicy::Explicit,
+            filter_subject: "orders.event.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let all = format!("{FIXTURE_PROJECTION}ack_policy = \"all\"\n");
+    let config = write_config(&server, dir.path(), port, &all);
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[], &log);
+    let mut reason = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !reason.contains("ack policy") {
+        if let Some((503, body)) = http_get(port, "/readyz").await {
+            reason = body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reason.contains("delete the durable"), "/readyz: {reason}");
+    let info = stream.consumer_info("projector__orders_v1").await.unwrap();
+    assert_eq!(info.delivered.stream_sequence, 0, "nothing consumed");
+    assert_eq!(projector.terminate(), Some(0));
+
+    let config = write_config(&server, dir.path(), port, FIXTURE_PROJECTION);
+    let projector = Child2::run(&config, &[], &log);
+    wait_drained(
+        &js,
+        "ORDERS",
+        "projector__orders_v1",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(projector.terminate(), Some(0));
+    assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
+}
