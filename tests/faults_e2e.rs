@@ -169,8 +169,8 @@ async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
 }
 
 /// NATS cannot change a durable's ack policy: a configuration asking for the other one is
-/// refused with the reason (nothing is consumed), and the same durable binds once the
-/// configuration matches it again.
+/// refused with the reason (nothing is consumed), and `auto` (the default) binds the same
+/// durable with the policy it has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
     use async_nats::jetstream::consumer::{AckPolicy, pull};

@@ -24,6 +24,10 @@ async fn fixture_projects_to_the_oracle_and_replay_changes_nothing() {
     let config = write_config(&server, dir.path(), port, FIXTURE_PROJECTION);
     let projector = InProcess::start(&config);
     wait_drained(&js, "ORDERS", "projector__orders_v1", DRAIN).await;
+    // ack_policy = "auto": a durable the projector creates acks in bulk.
+    let orders = js.get_stream("ORDERS").await.unwrap();
+    let info = orders.consumer_info("projector__orders_v1").await.unwrap();
+    assert_eq!(info.config.ack_policy, AckPolicy::All);
 
     let outcomes = &expected["outcomes"];
     assert_eq!(
@@ -95,6 +99,9 @@ async fn fixture_projects_to_the_oracle_and_replay_changes_nothing() {
     let config = write_config(&server, dir.path(), port, FIXTURE_PROJECTION);
     let projector = InProcess::start(&config);
     wait_drained(&js, "ORDERS", "projector__orders_v1", DRAIN).await;
+    // ... and an existing durable keeps its own.
+    let info = stream.consumer_info("projector__orders_v1").await.unwrap();
+    assert_eq!(info.config.ack_policy, AckPolicy::Explicit);
     assert_eq!(
         outcome_at(port, "applied").await,
         Some(0.0),

@@ -165,8 +165,11 @@ pub enum StorageKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum AckMode {
-    /// Every message is acked on its own (`AckPolicy::Explicit`, the default).
+    /// `all` for a durable the projector creates; an existing durable keeps its own policy
+    /// (the default).
     #[default]
+    Auto,
+    /// Every message is acked on its own (`AckPolicy::Explicit`).
     Explicit,
     /// One ack per completed group of batches, for its newest message (`AckPolicy::All`
     /// acknowledges every earlier delivery too). Safe here because groups complete in stream
@@ -280,8 +283,9 @@ pub struct ProjectionConfig {
     /// Consumer `max_ack_pending`. Default: 2048.
     #[serde(default = "defaults::max_ack_pending")]
     pub max_ack_pending: i64,
-    /// `explicit` (an ack per message, the default) or `all` (an ack per completed group:
-    /// fewer messages for nats-server and the projector during catch-ups).
+    /// `all` (an ack per completed group: fewer messages for nats-server and the projector),
+    /// `explicit` (an ack per message), or `auto` (the default: `all` for a durable the
+    /// projector creates, the existing durable's own policy otherwise).
     #[serde(default)]
     pub ack_policy: AckMode,
     /// Consumer `ack_wait`. Default: 30s.

@@ -74,6 +74,7 @@ fn defaults_are_documented_values() {
     assert_eq!(p.dlq_subject, "dlq.{subject}");
     assert_eq!(p.dlq_stream, "PROJECTOR_DLQ");
     assert_eq!(p.kv_bucket, None);
+    assert_eq!(p.ack_policy, AckMode::Auto);
     assert_eq!(config.store.path, PathBuf::from("data/projector.redb"));
     assert_eq!(config.http.listen, "127.0.0.1:9464");
 }

@@ -142,7 +142,7 @@ pub fn consumer_config(spec: &Spec, start_after: u64) -> pull::Config {
         },
         ack_policy: match c.ack_policy {
             AckMode::Explicit => AckPolicy::Explicit,
-            AckMode::All => AckPolicy::All,
+            AckMode::All | AckMode::Auto => AckPolicy::All,
         },
         ack_wait: c.ack_wait,
         max_deliver: c.max_deliver,
@@ -168,7 +168,9 @@ pub async fn bind_consumer(
             wanted.deliver_policy = current.deliver_policy;
             wanted.replay_policy = current.replay_policy;
             wanted.description = current.description.clone();
-            if current.ack_policy != wanted.ack_policy {
+            if spec.config.ack_policy == AckMode::Auto {
+                wanted.ack_policy = current.ack_policy;
+            } else if current.ack_policy != wanted.ack_policy {
                 return Err(api(
                     format!("bind consumer {}", spec.durable),
                     format!(

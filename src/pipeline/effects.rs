@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{StatusCell, age_seconds, crash};
-use crate::config::AckMode;
 use crate::consume::{self, Incoming};
 use crate::decode::Poison;
 use crate::dlq::DeadLetter;
@@ -70,6 +69,8 @@ pub(super) struct Effects {
     kv_waiting: std::sync::atomic::AtomicBool,
     /// Signalled when `kv_waiting` is set.
     kv_starved: tokio::sync::Notify,
+    /// Whether the bound durable acks all earlier deliveries with one ack (`AckPolicy::All`).
+    bulk_acks: std::sync::atomic::AtomicBool,
 }
 
 /// Mutable state both halves touch, behind one short-held lock.
@@ -129,7 +130,14 @@ impl Effects {
             kv_room: tokio::sync::Notify::new(),
             kv_waiting: std::sync::atomic::AtomicBool::new(false),
             kv_starved: tokio::sync::Notify::new(),
+            bulk_acks: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records the ack policy of the durable just bound.
+    pub fn set_bulk_acks(&self, bulk: bool) {
+        self.bulk_acks
+            .store(bulk, std::sync::atomic::Ordering::Release);
     }
 
     /// Waits until `bytes` more of pending KV writes fit the budget (always when none are
@@ -387,25 +395,22 @@ impl Effects {
                 }
             }
         }
-        match self.spec.config.ack_policy {
-            AckMode::Explicit => {
-                for c in &group {
-                    consume::ack_all(&self.client, &c.messages, AckKind::Ack).await;
-                }
+        if !self.bulk_acks.load(std::sync::atomic::Ordering::Acquire) {
+            for c in &group {
+                consume::ack_all(&self.client, &c.messages, AckKind::Ack).await;
             }
+        } else {
             // AckPolicy::All: the newest message acks every earlier delivery, and every one of
             // them is done: groups complete in stream order, each after its KV writes and dead
             // letters. A group of read-back messages only is acked by the next delivered one
             // (or by their redelivery, as with explicit acks).
-            AckMode::All => {
-                let newest = group
-                    .iter()
-                    .flat_map(|c| c.messages.iter())
-                    .filter(|m| m.ackable())
-                    .max_by_key(|m| m.seq);
-                if let Some(m) = newest {
-                    m.ack(&self.client, AckKind::Ack).await;
-                }
+            let newest = group
+                .iter()
+                .flat_map(|c| c.messages.iter())
+                .filter(|m| m.ackable())
+                .max_by_key(|m| m.seq);
+            if let Some(m) = newest {
+                m.ack(&self.client, AckKind::Ack).await;
             }
         }
         let acked = started.elapsed();

@@ -338,7 +338,11 @@ impl Pipeline {
         gap::check(&checkpoint, &observed)?;
         gap::check_message(&stream, &checkpoint).await?;
         self.checkpoint = checkpoint.clone();
-        Ok(consume::bind_consumer(&stream, &self.spec, checkpoint.acked_floor).await?)
+        let consumer = consume::bind_consumer(&stream, &self.spec, checkpoint.acked_floor).await?;
+        let policy = consumer.cached_info().config.ack_policy;
+        self.fx
+            .set_bulk_acks(policy == async_nats::jetstream::consumer::AckPolicy::All);
+        Ok(consumer)
     }
 
     /// Rebuilds a lost store before binding: from KV when the projection has a bucket (every
