@@ -618,8 +618,9 @@ async fn main() {
     eprintln!("ceilings measured");
 
     let mut catchups = serde_json::Map::new();
-    // BENCH_ACK_POLICY=all runs the KV catch-ups with one ack per group.
-    let kv_acks = std::env::var("BENCH_ACK_POLICY").unwrap_or_else(|_| "explicit".into());
+    // The projector's default (`auto`: bulk acks on the durables it creates) unless
+    // BENCH_ACK_POLICY says otherwise (`explicit`: an ack per message).
+    let kv_acks = std::env::var("BENCH_ACK_POLICY").unwrap_or_else(|_| "auto".into());
     for (stream, keys, events) in [
         ("K100", 100usize, o.events),
         ("K10K", 10_000, o.events),
@@ -760,6 +761,10 @@ async fn main() {
 
     print_rows(&rows);
     report.insert("runs".into(), json!(o.runs));
+    report.insert(
+        "kv_ack_policy".into(),
+        json!(std::env::var("BENCH_ACK_POLICY").unwrap_or_else(|_| "auto".into())),
+    );
     report.insert("events".into(), json!(o.events));
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&o.out);
     if let Some(parent) = path.parent() {
