@@ -204,7 +204,10 @@ async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(reason.contains("delete the durable"), "/readyz: {reason}");
+    assert!(
+        reason.contains("asks for All; NATS cannot change it: delete the durable"),
+        "/readyz: {reason}"
+    );
     let info = stream.consumer_info("projector__orders_v1").await.unwrap();
     assert_eq!(info.delivered.stream_sequence, 0, "nothing consumed");
     assert_eq!(projector.terminate(), Some(0));

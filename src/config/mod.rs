@@ -173,8 +173,8 @@ pub enum AckMode {
     Explicit,
     /// One ack per completed group of batches, for its newest message (`AckPolicy::All`
     /// acknowledges every earlier delivery too). Safe here because groups complete in stream
-    /// order and one process owns a durable; an existing durable keeps the policy it was
-    /// created with (NATS cannot change it).
+    /// order and one process owns a durable. An existing durable created with another policy
+    /// is refused (NATS cannot change it).
     All,
 }
 

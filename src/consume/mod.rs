@@ -174,7 +174,9 @@ pub async fn bind_consumer(
                 return Err(api(
                     format!("bind consumer {}", spec.durable),
                     format!(
-                        "the durable exists with ack policy {:?} and the configuration asks for                          {:?}; NATS cannot change it: delete the durable (it is re-created at                          the store's checkpoint) or set ack_policy back",
+                        "the durable exists with ack policy {:?} and the configuration asks for \
+                         {:?}; NATS cannot change it: delete the durable (it is re-created at \
+                         the store's checkpoint) or set ack_policy back",
                         current.ack_policy, wanted.ack_policy
                     ),
                 ));

@@ -175,20 +175,19 @@ impl Decoder {
             .and_then(|parsed| de.end().map(|()| parsed))
         {
             Ok(parsed) => parsed,
-            // Valid JSON of another type than an object (a syntax error anywhere wins).
-            Err(err)
-                if err.is_data()
-                    && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() =>
-            {
-                return Err(Poison::new(
-                    ErrorCode::InvalidEnvelope,
-                    "payload is not a JSON object",
-                ));
-            }
+            // The one-pass parse stops at the first surprise: a full syntax check tells valid
+            // JSON of another type than an object from a syntax error anywhere (which wins).
             Err(err) => {
-                let err = serde_json::from_slice::<serde::de::IgnoredAny>(payload)
-                    .err()
-                    .unwrap_or(err);
+                let err = match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+                    Ok(_) if err.is_data() => {
+                        return Err(Poison::new(
+                            ErrorCode::InvalidEnvelope,
+                            "payload is not a JSON object",
+                        ));
+                    }
+                    Ok(_) => err,
+                    Err(syntax) => syntax,
+                };
                 return Err(Poison::new(
                     ErrorCode::InvalidJson,
                     format!(

@@ -9,8 +9,10 @@
 //! goes through [`Filters::insert`]. Whatever replaces markers wholesale (an import) must call
 //! [`Filters::forget`].
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
+
+use foldhash::HashMap;
 
 /// Ids a bucket filters at most; beyond it the bucket is always looked up in the table (keeps
 /// memory bounded: about 12 bits per id, so 2 M ids take ~3-6 MiB).
@@ -36,40 +38,9 @@ enum Bucket {
 }
 
 impl Filters {
-    /// The filter state of `bucket`, loaded with `load` (every id the table holds in it) when
-    /// not known yet.
-    fn bucket<E>(
-        &mut self,
-        namespace: &str,
-        bucket: u64,
-        load: impl FnOnce(&mut dyn FnMut(&str) -> bool) -> Result<(), E>,
-    ) -> Result<&mut Bucket, E> {
-        if !self.namespaces.contains_key(namespace) {
-            self.namespaces.insert(namespace.to_owned(), HashMap::new());
-        }
-        let buckets = self
-            .namespaces
-            .get_mut(namespace)
-            .expect("inserted just above");
-        if let std::collections::hash_map::Entry::Vacant(slot) = buckets.entry(bucket) {
-            let mut bloom = Bloom::default();
-            let mut full = false;
-            load(&mut |id| {
-                bloom.insert(hash(id));
-                full = bloom.len >= MAX_FILTERED;
-                !full
-            })?;
-            slot.insert(if full {
-                Bucket::Unfiltered
-            } else {
-                Bucket::Filtered(bloom)
-            });
-        }
-        Ok(buckets.get_mut(&bucket).expect("present or inserted above"))
-    }
-
     /// Whether `id` may have a marker in `bucket` (`false` is definite). `load` reads the
-    /// bucket's ids from the table, calling its argument with each until it returns `false`.
+    /// bucket's ids from the table, calling its argument with each until it returns `false`;
+    /// it runs the first time a bucket is asked about.
     pub(super) fn may_contain<E>(
         &mut self,
         namespace: &str,
@@ -77,7 +48,32 @@ impl Filters {
         id: &str,
         load: impl FnOnce(&mut dyn FnMut(&str) -> bool) -> Result<(), E>,
     ) -> Result<bool, E> {
-        Ok(match self.bucket(namespace, bucket, load)? {
+        if !self.namespaces.contains_key(namespace) {
+            self.namespaces
+                .insert(namespace.to_owned(), HashMap::default());
+        }
+        // "Maybe" is always a safe answer.
+        let Some(buckets) = self.namespaces.get_mut(namespace) else {
+            return Ok(true);
+        };
+        let state = match buckets.entry(bucket) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(slot) => {
+                let mut bloom = Bloom::default();
+                let mut full = false;
+                load(&mut |id| {
+                    bloom.insert(hash(id));
+                    full = bloom.len >= MAX_FILTERED;
+                    !full
+                })?;
+                slot.insert(if full {
+                    Bucket::Unfiltered
+                } else {
+                    Bucket::Filtered(bloom)
+                })
+            }
+        };
+        Ok(match state {
             Bucket::Filtered(bloom) => bloom.contains(hash(id)),
             Bucket::Unfiltered => true,
         })

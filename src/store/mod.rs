@@ -574,14 +574,13 @@ impl Store {
                     applied.outcomes.push(Outcome::AlreadyDead);
                     continue;
                 }
-                let p = match item {
+                let mut p = match item {
                     Item::Poison { poison, .. } => {
                         applied.outcomes.push(Outcome::Poison(poison));
                         continue;
                     }
                     Item::Event(p) => p,
                 };
-                let mut p = p;
                 if !working.contains_key(&p.key) {
                     let stored = records
                         .get(p.key.as_str())?

@@ -11,6 +11,14 @@ pub(crate) fn spec_for(reducer: &str, extra: &str) -> Spec {
     Spec::compile(&config.projection[0], None).expect("compiles")
 }
 
+/// Applies one batch and returns its outcomes.
+fn outcomes(store: &Store, spec: &Spec, items: Vec<Item>) -> Vec<Outcome> {
+    store
+        .apply(spec, items, &Housekeeping::default(), None)
+        .unwrap()
+        .outcomes
+}
+
 fn item(spec: &Spec, seq: u64, ms: u64, id: &str, data: serde_json::Value) -> Item {
     let payload = serde_json::to_vec(&serde_json::json!({"specversion": "1.0", "id": id,
         "source": "t", "type": "updated", "data": data}))
@@ -37,11 +45,8 @@ fn republished_id_in_one_batch_is_a_duplicate() {
             item(&spec, 2, 1_000_015, "e1", d.clone()),
             item(&spec, 3, 1_000_016, "e1", d),
         ];
-        let applied = store
-            .apply(&spec, items, &Housekeeping::default(), None)
-            .unwrap();
         assert_eq!(
-            applied.outcomes,
+            outcomes(&store, &spec, items),
             vec![Outcome::Applied, Outcome::Duplicate, Outcome::Duplicate],
             "{reducer}"
         );
@@ -63,10 +68,7 @@ fn dedupe_markers_survive_a_reopen_and_an_import() {
             item(&spec, 2, 11_500, "mid", d("b")),
             item(&spec, 3, 12_001, "late", d("c")),
         ];
-        let applied = store
-            .apply(&spec, items, &Housekeeping::default(), None)
-            .unwrap();
-        assert_eq!(applied.outcomes, vec![Outcome::Applied; 3]);
+        assert_eq!(outcomes(&store, &spec, items), vec![Outcome::Applied; 3]);
     }
     let store = Store::open(&path, 4).unwrap();
     // Re-published within the window, under other keys, from the neighbouring buckets.
@@ -76,24 +78,14 @@ fn dedupe_markers_survive_a_reopen_and_an_import() {
         item(&spec, 6, 11_600, "late", d("z")),
         item(&spec, 7, 11_600, "new", d("w")),
     ];
-    let applied = store
-        .apply(&spec, again, &Housekeeping::default(), None)
-        .unwrap();
     let mut expected = vec![Outcome::Duplicate; 3];
     expected.push(Outcome::Applied);
-    assert_eq!(applied.outcomes, expected);
+    assert_eq!(outcomes(&store, &spec, again), expected);
 
     // An import that carries a marker the filter has never seen.
     let mut contents = store.export(&spec.namespace).unwrap();
     contents.markers.push((11, "imported".into(), 8, 11_700));
     store.import(&spec.namespace, &contents, false).unwrap();
-    let applied = store
-        .apply(
-            &spec,
-            vec![item(&spec, 9, 11_800, "imported", d("v"))],
-            &Housekeeping::default(),
-            None,
-        )
-        .unwrap();
-    assert_eq!(applied.outcomes, vec![Outcome::Duplicate]);
+    let imported = vec![item(&spec, 9, 11_800, "imported", d("v"))];
+    assert_eq!(outcomes(&store, &spec, imported), vec![Outcome::Duplicate]);
 }
