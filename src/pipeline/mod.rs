@@ -898,7 +898,7 @@ impl Pipeline {
             Some(jobs) => {
                 let bytes = committed.kv_writes.iter().map(effects::write_bytes).sum();
                 tokio::select! {
-                    _ = self.fx.reserve_kv(bytes) => {}
+                    _ = self.fx.reserve_kv(bytes, committed.keys) => {}
                     _ = jobs.closed() => {}
                 }
                 jobs.send(Job::Batch(committed)).await.map_err(|_| {
