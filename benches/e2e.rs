@@ -240,6 +240,28 @@ struct Catchup {
     rate: f64,
     rss_mib: f64,
     store_mib: f64,
+    /// CPU time (user + system) per event of the projector and of nats-server, microseconds:
+    /// steadier than the rates on a machine whose speed drifts, and what a 2-core machine
+    /// shared by both spends.
+    projector_cpu_us: f64,
+    server_cpu_us: f64,
+}
+
+/// CPU time (user + system) a process has used so far, microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the 3rd field, utime
+    // and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    fields.iter().sum::<u64>() * 1_000_000 / ticks
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -338,6 +360,8 @@ async fn catchup(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let started = Instant::now();
+    let server_pid = server.pid().unwrap_or(0);
+    let cpu_before = (cpu_us(pid), cpu_us(server_pid));
     loop {
         let info = stream_handle.consumer_info(&durable).await;
         if let Ok(info) = info {
@@ -351,6 +375,9 @@ async fn catchup(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let per_event = |before: u64, after: u64| after.saturating_sub(before) as f64 / events as f64;
+    let projector_cpu_us = per_event(cpu_before.0, cpu_us(pid));
+    let server_cpu_us = per_event(cpu_before.1, cpu_us(server_pid));
     let rss = rss_kib(pid, "VmHWM:") as f64 / 1024.0;
     if let Some(mut perf) = perf {
         let _ = std::process::Command::new("kill")
@@ -370,7 +397,8 @@ async fn catchup(
         .unwrap_or(0.0);
     eprintln!(
         "  {stream} {reducer} kv={}: {:.0} ev/s, {batches:.0} batches, mean {:.0} messages, \
-         mean {:.2} ms fetch-to-ack",
+         mean {:.2} ms fetch-to-ack, CPU per event {projector_cpu_us:.1} us projector + \
+         {server_cpu_us:.1} us nats-server",
         kv_bucket.is_some(),
         events as f64 / elapsed,
         batched / batches.max(1.0),
@@ -402,6 +430,8 @@ async fn catchup(
         rate: events as f64 / elapsed,
         rss_mib: rss,
         store_mib: store,
+        projector_cpu_us,
+        server_cpu_us,
     }
 }
 
@@ -632,6 +662,7 @@ async fn main() {
             }
             let mut rates = Vec::new();
             let mut rss = Vec::new();
+            let mut cpu = (Vec::new(), Vec::new());
             let mut store = 0.0;
             for run in 0..o.runs {
                 let bucket = format!("b{keys}{reducer}{run}");
@@ -647,23 +678,30 @@ async fn main() {
                 .await;
                 rates.push(c.rate);
                 rss.push(c.rss_mib);
+                cpu.0.push(c.projector_cpu_us);
+                cpu.1.push(c.server_cpu_us);
                 store = c.store_mib;
             }
             let rate = median(rates);
             let rss = rss.iter().copied().fold(0.0, f64::max);
+            let (cpu, server_cpu) = (median(cpu.0), median(cpu.1));
             let (ceiling, against) = if keys <= 100 {
                 (consume, "consume+ack")
             } else {
                 (kv_ceilings[&keys], "KV CAS")
             };
             rows.push((
-                format!("catch-up {reducer}, {keys} keys, {events} events, redb + KV (peak RSS {rss:.0} MiB, store {store:.0} MiB)"),
+                format!(
+                    "catch-up {reducer}, {keys} keys, {events} events, redb + KV (peak RSS \
+                     {rss:.0} MiB, store {store:.0} MiB, CPU/event {cpu:.1} + {server_cpu:.1} us)"
+                ),
                 rate,
                 format!("events/s vs {against}"),
                 Some(rate / ceiling),
             ));
             let mut entry = json!({"events_per_s": rate, "ratio": rate / ceiling,
-                "ratio_to": against, "peak_rss_mib": rss, "store_mib": store, "events": events});
+                "ratio_to": against, "peak_rss_mib": rss, "store_mib": store, "events": events,
+                "projector_cpu_us_per_event": cpu, "server_cpu_us_per_event": server_cpu});
             if keys == 10_000 {
                 entry["ratio_to_naive"] = json!(rate / naive);
                 rows.push((
@@ -678,21 +716,31 @@ async fn main() {
     }
     // Local store only, with an ack per message and with one per group (ack_policy = "all").
     for (label, ack_policy) in [("store-only", "explicit"), ("store-only-ack-all", "all")] {
-        let mut rates = Vec::new();
+        let (mut rates, mut cpu, mut server_cpu) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..if wanted(label) { o.runs } else { 0 } {
             let c = catchup(&server, &js, "K10K", "latest", None, o.events, ack_policy).await;
             rates.push(c.rate);
+            cpu.push(c.projector_cpu_us);
+            server_cpu.push(c.server_cpu_us);
         }
-        let rate = if rates.is_empty() { 0.0 } else { median(rates) };
+        let (rate, cpu, server_cpu) = if rates.is_empty() {
+            (0.0, 0.0, 0.0)
+        } else {
+            (median(rates), median(cpu), median(server_cpu))
+        };
         rows.push((
-            format!("catch-up latest, 10000 keys, redb only (no KV), ack_policy = {ack_policy}"),
+            format!(
+                "catch-up latest, 10000 keys, redb only (no KV), ack_policy = {ack_policy} \
+                 (CPU/event {cpu:.1} + {server_cpu:.1} us)"
+            ),
             rate,
             "events/s vs consume+ack".into(),
             Some(rate / consume),
         ));
         catchups.insert(
             format!("latest/10000/{label}"),
-            json!({"events_per_s": rate, "ratio": rate / consume}),
+            json!({"events_per_s": rate, "ratio": rate / consume,
+                "projector_cpu_us_per_event": cpu, "server_cpu_us_per_event": server_cpu}),
         );
     }
     report.insert("catch_up".into(), Value::Object(catchups));

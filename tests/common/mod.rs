@@ -43,6 +43,12 @@ pub fn nats_server_bin() -> PathBuf {
 }
 
 impl NatsServer {
+    /// The server's process id while it runs.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts a JetStream-enabled server on a dynamic loopback port.
     pub fn start() -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir");
