@@ -24,8 +24,8 @@ async fn crash_and_recover(point: &str, nth: u32) {
     let dir = tempfile::tempdir().unwrap();
     // A short ack_wait: the stale redeliveries of the crashed run come back quickly. At most
     // 256 unacked messages: the sink completes groups of at most 256 messages (catch-up groups
-    // gather up to half of it), so the 5,000 events make at least 19 groups, and a crash at the
-    // 15th is always reached.
+    // gather up to two thirds of it), so the 5,000 events make at least 19 groups, and a crash
+    // at the 15th is always reached.
     let projection = FIXTURE_PROJECTION.replace(
         "batch = 64",
         "batch = 64\nack_wait = \"3s\"\nmax_ack_pending = 256",
