@@ -278,12 +278,12 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 /// with the sink's per-group debug lines (group sizes, KV writes, timings).
 fn spawn_projector(config: &std::path::Path, log: &std::path::Path) -> (Child2, Option<String>) {
     let keep_log = std::env::var("BENCH_LOG").ok();
-    let level = if keep_log.is_some() {
-        "warn,nats_projector::pipeline::effects=debug"
-    } else {
-        "warn"
+    let level = match (&keep_log, std::env::var("BENCH_LOG_LEVEL")) {
+        (Some(_), Ok(level)) => level,
+        (Some(_), Err(_)) => "warn,nats_projector::pipeline::effects=debug".into(),
+        (None, _) => "warn".into(),
     };
-    (Child2::run(config, &[("RUST_LOG", level)], log), keep_log)
+    (Child2::run(config, &[("RUST_LOG", &level)], log), keep_log)
 }
 
 /// Runs the projector binary on the backlog of `stream` until drained.
@@ -465,7 +465,7 @@ async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u
     let projection = projection.as_str();
     let config = common::write_config(server, dir.path(), 0, projection);
     let log = dir.path().join("log");
-    let (child, _) = spawn_projector(&config, &log);
+    let (child, keep_log) = spawn_projector(&config, &log);
     let pid = child.child.id();
     common::eventually(Duration::from_secs(20), "the steady bucket", || async {
         js.get_key_value(&bucket).await.is_ok()
@@ -529,6 +529,9 @@ async fn steady(server: &NatsServer, js: &jetstream::Context, secs: u64, rate: u
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = stop.send(());
     let mut latencies = watcher.await.unwrap_or_default();
+    if let Some(keep) = keep_log {
+        let _ = std::fs::copy(&log, format!("{keep}.steady.{}", now_us()));
+    }
     assert_eq!(child.terminate(), Some(0));
     latencies.sort_unstable();
     let pct = |p: f64| {
