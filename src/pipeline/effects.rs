@@ -40,11 +40,11 @@ const GROUP_MESSAGES: usize = 65_536;
 /// never reaches it; a backlog over many distinct keys is throttled to it, and so are the
 /// messages waiting behind those writes for their ack (memory stays bounded whatever
 /// `max_ack_pending`). Messages themselves are not counted: a catch-up group over few keys
-/// must be able to gather two thirds of `max_ack_pending` of them. A projection whose groups coalesce
-/// (fewer keys than a group gathers) gets twice as much: one group being written and one
-/// gathering each hold up to one write per key, and both must fit, or every other group is cut
-/// short (measured: 10,000 keys of ~400-byte values, 200,000 events: 103,000 KV writes with
-/// 8 MiB, 62,000 with 16 MiB). The bytes of such a group are bounded by its keys anyway.
+/// must be able to gather two thirds of `max_ack_pending` of them. A projection whose groups
+/// coalesce (fewer keys than a group gathers) gets twice as much: one group being written and
+/// one gathering each hold up to one write per key, and both must fit, or every other group is
+/// cut short (measured: 10,000 keys of ~400-byte values, 200,000 events: 103,000 KV writes
+/// with 8 MiB, 62,000 with 16 MiB). The bytes of such a group are bounded by its keys anyway.
 const KV_BYTES_BUDGET: usize = 8 * 1024 * 1024;
 /// The longest a catch-up group waits for more committed batches (see [`sink`]).
 const GATHER_MAX_WAIT: Duration = Duration::from_millis(500);
@@ -483,14 +483,14 @@ impl Effects {
 /// After a cancelled hold it completes nothing more: what is left stays unacked and is
 /// redelivered to the next run (its effect is in the store and the outbox).
 ///
-/// During a catch-up (the newest batch was delivered with a full batch or more pending behind it)
-/// over fewer keys than two thirds of `max_ack_pending`, the sink waits, up to
+/// During a catch-up (the newest batch was delivered with a full batch or more pending behind
+/// it) over fewer keys than two thirds of `max_ack_pending`, the sink waits, up to
 /// [`GATHER_MAX_WAIT`], until that many messages are committed before writing KV: a key that
 /// recurs across the backlog is written once per group, not once per batch. The last third
 /// keeps the apply side busy while the group is written (two thirds rather than half: fewer
 /// KV writes, and the apply side still rarely runs dry; 10,000 keys, medians of 5 single runs:
-/// 71,000 → 76,000 events/s). In steady state (nothing pending), or over more keys than a group could
-/// coalesce, a batch is completed as soon as it is committed.
+/// 71,000 → 76,000 events/s). In steady state (nothing pending), or over more keys than a
+/// group could coalesce, a batch is completed as soon as it is committed.
 pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
     let mut stopped = false;
     let target = fx.group_target();
