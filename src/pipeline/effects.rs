@@ -148,7 +148,7 @@ impl Effects {
     /// pending), then counts them. `keys`: the projection's key count after the batch.
     pub async fn reserve_kv(&self, bytes: usize, keys: u64) {
         use std::sync::atomic::Ordering;
-        let budget = if keys < self.group_target() as u64 {
+        let budget = if self.coalesces(keys) {
             2 * KV_BYTES_BUDGET
         } else {
             KV_BYTES_BUDGET
@@ -173,6 +173,12 @@ impl Effects {
         usize::try_from(self.spec.config.max_ack_pending.saturating_mul(2) / 3)
             .unwrap_or(0)
             .clamp(1, GROUP_MESSAGES)
+    }
+
+    /// Whether catch-up groups over a projection of `keys` keys coalesce: fewer keys than a
+    /// group gathers messages. Such groups gather (see [`sink`]) and get twice the KV budget.
+    fn coalesces(&self, keys: u64) -> bool {
+        keys < self.group_target() as u64
     }
 
     fn release_kv(&self, bytes: usize) {
@@ -520,7 +526,7 @@ pub(super) async fn sink(fx: Arc<Effects>, mut jobs: mpsc::Receiver<Job>) {
                     let backlog = newest
                         .and_then(|c| c.messages.last())
                         .is_some_and(|m| m.pending >= fx.spec.config.batch as u64);
-                    let coalescible = newest.is_some_and(|c| c.keys < target as u64);
+                    let coalescible = newest.is_some_and(|c| fx.coalesces(c.keys));
                     // Registered before the flag is read, so a wait that starts in between is
                     // not missed.
                     let starved = fx.kv_starved.notified();
