@@ -338,7 +338,9 @@ async fn catchup(
         // (larger files); BENCH_PERF_ALL=1 samples every process and thread (nats-server too,
         // and the threads the projector starts later, such as its blocking pool's).
         let graph = std::env::var("BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into());
-        let mut args: Vec<String> = ["record", "-F", "499", "--call-graph", &graph, "-o", &out]
+        // BENCH_PERF_FREQ: samples per second (499 by default).
+        let freq = std::env::var("BENCH_PERF_FREQ").unwrap_or_else(|_| "499".into());
+        let mut args: Vec<String> = ["record", "-F", &freq, "--call-graph", &graph, "-o", &out]
             .map(String::from)
             .to_vec();
         if std::env::var_os("BENCH_PERF_ALL").is_some() {

@@ -881,7 +881,8 @@ impl Pipeline {
                 m.slim();
             }
         }
-        debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
+        debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64,
+            commit_us = applied.commit_time.as_micros() as u64, "batch committed");
         let newest = messages.iter().map(|m| m.seq).max().unwrap_or(0);
         self.processed_seq = self.processed_seq.max(newest);
         let committed = Committed {

@@ -296,6 +296,8 @@ pub struct Applied {
     pub outbox_len: u64,
     /// Keys (records, tombstones included) of the projection after the commit.
     pub keys: u64,
+    /// How long the durable commit took (page writes and fsync).
+    pub commit_time: std::time::Duration,
 }
 
 /// The state slot of a key while a batch is being applied.
@@ -719,7 +721,9 @@ impl Store {
             applied.outbox_len = outbox.len()?;
             applied.keys = records.len()?;
         }
+        let committing = std::time::Instant::now();
         txn.commit()?;
+        applied.commit_time = committing.elapsed();
         Ok(applied)
     }
 
