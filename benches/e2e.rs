@@ -71,26 +71,53 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// A ~256-byte CloudEvent for key `k`.
+/// A ~256-byte CloudEvent for key `k`, with the id `e{n}`.
 fn event(n: usize, k: usize) -> Vec<u8> {
+    event_with_id(format!("e{n}"), n, k)
+}
+
+/// The id of event `n` in the UUIDv4 shape: random-looking, so consecutive events' dedupe
+/// markers land far apart in the marker table (as real UUIDv4 ids do).
+fn random_id(n: usize) -> String {
+    use std::hash::BuildHasher;
+    let hash = |seed| foldhash::quality::FixedState::with_seed(seed).hash_one(n);
+    let (a, b) = (hash(1), hash(2));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn event_with_id(id: String, n: usize, k: usize) -> Vec<u8> {
     serde_json::to_vec(&json!({
-        "specversion": "1.0", "id": format!("e{n}"), "source": "bench", "type": "upd",
+        "specversion": "1.0", "id": id, "source": "bench", "type": "upd",
         "data": {"k": k, "n": n, "amount": n % 100, "ts": now_us(), "pad": "x".repeat(96)},
     }))
     .unwrap()
 }
 
+/// Publishes `events` events over `keys` keys, with `e{n}` ids or, `random_ids`, UUIDv4-shaped.
 async fn publish(
     js: &jetstream::Context,
     subject: &str,
     events: usize,
     keys: usize,
     offset: usize,
+    random_ids: bool,
 ) {
     let mut pending = VecDeque::new();
     for n in offset..offset + events {
+        let payload = if random_ids {
+            event_with_id(random_id(n), n, n % keys)
+        } else {
+            event(n, n % keys)
+        };
         let ack = js
-            .publish(subject.to_owned(), event(n, n % keys).into())
+            .publish(subject.to_owned(), payload.into())
             .await
             .unwrap();
         pending.push_back(ack);
@@ -621,10 +648,12 @@ async fn main() {
     let mut report = serde_json::Map::new();
 
     // The 10,000-key and 100-key backlogs share one stream each; the million-key one too.
-    for (stream, keys, events) in [
-        ("K100", 100, o.events),
-        ("K10K", 10_000, o.events),
-        ("K1M", o.million, o.million),
+    // K10KR is K10K with UUIDv4-shaped ids.
+    for (stream, keys, events, random_ids) in [
+        ("K100", 100, o.events, false),
+        ("K10K", 10_000, o.events, false),
+        ("K10KR", 10_000, o.events, true),
+        ("K1M", o.million, o.million, false),
     ] {
         create_stream(&js, stream, &[&format!("{}.>", stream.to_lowercase())]).await;
         publish(
@@ -633,6 +662,7 @@ async fn main() {
             events,
             keys,
             0,
+            random_ids,
         )
         .await;
     }
@@ -758,11 +788,19 @@ async fn main() {
             catchups.insert(format!("{reducer}/{keys}"), entry);
         }
     }
-    // Local store only, with an ack per message and with one per group (ack_policy = "all").
-    for (label, ack_policy) in [("store-only", "explicit"), ("store-only-ack-all", "all")] {
+    // Local store only, with an ack per message and with one per group (ack_policy = "all");
+    // then UUIDv4-shaped ids (their dedupe markers scatter over the marker table).
+    for (label, stream, kv, ack_policy) in [
+        ("store-only", "K10K", false, "explicit"),
+        ("store-only-ack-all", "K10K", false, "all"),
+        ("random-ids", "K10KR", true, kv_acks.as_str()),
+        ("random-ids-store-only", "K10KR", false, "all"),
+    ] {
         let (mut rates, mut cpu, mut server_cpu) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..if wanted(label) { o.runs } else { 0 } {
-            let c = catchup(&server, &js, "K10K", "latest", None, o.events, ack_policy).await;
+        for run in 0..if wanted(label) { o.runs } else { 0 } {
+            let bucket = format!("brandom{run}");
+            let bucket = kv.then_some(bucket.as_str());
+            let c = catchup(&server, &js, stream, "latest", bucket, o.events, ack_policy).await;
             rates.push(c.rate);
             cpu.push(c.projector_cpu_us);
             server_cpu.push(c.server_cpu_us);
@@ -772,18 +810,28 @@ async fn main() {
         } else {
             (median(rates), median(cpu), median(server_cpu))
         };
+        let ids = if stream == "K10KR" {
+            "UUIDv4 ids"
+        } else {
+            "e{n} ids"
+        };
+        let (sink, ceiling, against) = if kv {
+            ("redb + KV", kv_ceilings[&10_000], "KV CAS")
+        } else {
+            ("redb only (no KV)", consume, "consume+ack")
+        };
         rows.push((
             format!(
-                "catch-up latest, 10000 keys, redb only (no KV), ack_policy = {ack_policy} \
+                "catch-up latest, 10000 keys, {ids}, {sink}, ack_policy = {ack_policy} \
                  (CPU/event {cpu:.1} + {server_cpu:.1} us)"
             ),
             rate,
-            "events/s vs consume+ack".into(),
-            Some(rate / consume),
+            format!("events/s vs {against}"),
+            Some(rate / ceiling),
         ));
         catchups.insert(
             format!("latest/10000/{label}"),
-            json!({"events_per_s": rate, "ratio": rate / consume,
+            json!({"events_per_s": rate, "ratio": rate / ceiling, "ratio_to": against,
                 "projector_cpu_us_per_event": cpu, "server_cpu_us_per_event": server_cpu}),
         );
     }

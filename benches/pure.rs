@@ -1,9 +1,15 @@
-//! Micro-benchmarks of the pure paths: envelope decoding, key templates, each reducer, and one
-//! redb batch apply (1,000 events, durable commit).
+//! Micro-benchmarks of the pure paths: envelope decoding, key templates, each reducer, one
+//! redb batch apply (1,000 events, durable commit), and the applying thread's whole work for a
+//! batch of the end-to-end bench (decode, keys, fold, commit, drop).
 //!
-//! `cargo bench --bench pure`
+//! `MIMALLOC_ALLOW_THP=0 MIMALLOC_PURGE_DELAY=50 cargo bench --bench pure` (the allocator
+//! settings the binary sets for itself).
 
 use std::path::Path;
+
+// The binary's allocator, so allocation costs are the ones the projector pays.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use nats_projector::config::Config;
@@ -43,6 +49,17 @@ fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Bytes(bytes.len() as u64));
     g.bench_function("cloudevent_256b", |b| {
+        b.iter(|| decoder.decode(&bytes).unwrap())
+    });
+    // The end-to-end bench's event.
+    let bytes = serde_json::to_vec(&json!({
+        "specversion": "1.0", "id": "e123456", "source": "bench", "type": "upd",
+        "data": {"k": 3456, "n": 123456, "amount": 56, "ts": 1_796_000_000_000_000u64,
+                 "pad": "x".repeat(96)},
+    }))
+    .unwrap();
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.bench_function("e2e_bench_event", |b| {
         b.iter(|| decoder.decode(&bytes).unwrap())
     });
     g.finish();
@@ -131,5 +148,95 @@ fn batch_apply(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, key_template, reducers, batch_apply);
+/// The applying thread's whole work for one batch of the end-to-end bench's shape: 2,048
+/// ~256-byte events over `keys` keys (round robin, one event a millisecond), decoded, keyed,
+/// folded, committed with their dedupe markers (or without: `window` 0s), then dropped.
+fn batch_whole(c: &mut Criterion) {
+    let mut g = c.benchmark_group("batch");
+    g.sample_size(20);
+    const BATCH: usize = 2048;
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for (reducer, keys, kv, window) in [
+        ("latest", 10_000, false, "10m"),
+        ("latest", 10_000, false, "0s"),
+        ("latest", 100, false, "10m"),
+        ("latest", 100, false, "0s"),
+        ("latest", 10_000, true, "10m"),
+        ("merge", 10_000, true, "10m"),
+    ] {
+        let name = format!(
+            "{reducer}_{keys}_keys{}{}",
+            if kv { "_kv" } else { "" },
+            if window == "0s" { "_no_dedupe" } else { "" }
+        );
+        let sum = if reducer == "counter" {
+            "sum = \"{data.amount}\"\n"
+        } else {
+            ""
+        };
+        let bucket = if kv { "kv_bucket = \"b\"\n" } else { "" };
+        let toml = format!(
+            "[[projection]]\nname = \"bench\"\nstream = \"S\"\nkey = \"{{data.k}}\"\n\
+             reducer = \"{reducer}\"\n{sum}{bucket}dedupe_window = \"{window}\"\n"
+        );
+        let config = Config::parse(&toml, Path::new(".")).unwrap();
+        let spec = Spec::compile(&config.projection[0], None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("bench.redb"), 32).unwrap();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let event = |n: usize| {
+            serde_json::to_vec(&json!({
+                "specversion": "1.0", "id": format!("e{n}"), "source": "bench", "type": "upd",
+                "data": {"k": n % keys, "n": n, "amount": n % 100, "ts": now_ms * 1000,
+                         "pad": "x".repeat(96)},
+            }))
+            .unwrap()
+        };
+        let mut next = 0usize;
+        let mut batch = || {
+            let payloads: Vec<Vec<u8>> = (next..next + BATCH).map(event).collect();
+            next += BATCH;
+            (next - BATCH, payloads)
+        };
+        let apply = |(first, payloads): (usize, Vec<Vec<u8>>)| {
+            let items: Vec<Item> = payloads
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let view = MessageView {
+                        seq: (first + i + 1) as u64,
+                        subject: "s",
+                        headers: None,
+                        payload: p,
+                        publish_ms: now_ms + (first + i) as u64,
+                    };
+                    Item::Event(spec.prepare(&view).unwrap())
+                })
+                .collect();
+            store
+                .apply(&spec, items, &Housekeeping::default(), None)
+                .unwrap()
+        };
+        // Every key stored once before timing, as in a catch-up's steady middle.
+        for _ in 0..5 {
+            apply(batch());
+        }
+        g.bench_function(&name, |b| {
+            b.iter_batched(&mut batch, apply, BatchSize::LargeInput)
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    decode,
+    key_template,
+    reducers,
+    batch_apply,
+    batch_whole
+);
 criterion_main!(benches);
