@@ -31,16 +31,33 @@ fn payload(n: usize, key: usize) -> Vec<u8> {
 }
 
 fn spec(reducer: &str) -> Spec {
+    spec_with(reducer, "{data.order_id}", "kv_bucket = \"b\"\n")
+}
+
+/// A projection `bench` keyed by `key`, with `extra` TOML lines.
+fn spec_with(reducer: &str, key: &str, extra: &str) -> Spec {
     let sum = if reducer == "counter" {
         "sum = \"{data.amount}\"\n"
     } else {
         ""
     };
     let toml = format!(
-        "[[projection]]\nname = \"bench\"\nstream = \"S\"\nkey = \"{{data.order_id}}\"\nreducer = \"{reducer}\"\n{sum}kv_bucket = \"b\"\n"
+        "[[projection]]\nname = \"bench\"\nstream = \"S\"\nkey = \"{key}\"\nreducer = \"{reducer}\"\n{sum}{extra}"
     );
     let config = Config::parse(&toml, Path::new(".")).unwrap();
     Spec::compile(&config.projection[0], None).unwrap()
+}
+
+/// `payload` as stream message `seq`, prepared for the store.
+fn prepared(spec: &Spec, seq: u64, payload: &[u8], publish_ms: u64) -> Item {
+    let view = MessageView {
+        seq,
+        subject: "s",
+        headers: None,
+        payload,
+        publish_ms,
+    };
+    Item::Event(spec.prepare(&view).unwrap())
 }
 
 fn decode(c: &mut Criterion) {
@@ -125,14 +142,7 @@ fn batch_apply(c: &mut Criterion) {
                         .iter()
                         .map(|p| {
                             seq += 1;
-                            let view = MessageView {
-                                seq,
-                                subject: "s",
-                                headers: None,
-                                payload: p,
-                                publish_ms: seq,
-                            };
-                            Item::Event(spec.prepare(&view).unwrap())
+                            prepared(&spec, seq, p, seq)
                         })
                         .collect::<Vec<_>>()
                 },
@@ -169,18 +179,12 @@ fn batch_whole(c: &mut Criterion) {
             if kv { "_kv" } else { "" },
             if window == "0s" { "_no_dedupe" } else { "" }
         );
-        let sum = if reducer == "counter" {
-            "sum = \"{data.amount}\"\n"
-        } else {
-            ""
-        };
         let bucket = if kv { "kv_bucket = \"b\"\n" } else { "" };
-        let toml = format!(
-            "[[projection]]\nname = \"bench\"\nstream = \"S\"\nkey = \"{{data.k}}\"\n\
-             reducer = \"{reducer}\"\n{sum}{bucket}dedupe_window = \"{window}\"\n"
+        let spec = spec_with(
+            reducer,
+            "{data.k}",
+            &format!("{bucket}dedupe_window = \"{window}\"\n"),
         );
-        let config = Config::parse(&toml, Path::new(".")).unwrap();
-        let spec = Spec::compile(&config.projection[0], None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("bench.redb"), 32).unwrap();
         let now_ms = std::time::SystemTime::now()
@@ -206,14 +210,12 @@ fn batch_whole(c: &mut Criterion) {
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
-                    let view = MessageView {
-                        seq: (first + i + 1) as u64,
-                        subject: "s",
-                        headers: None,
-                        payload: p,
-                        publish_ms: now_ms + (first + i) as u64,
-                    };
-                    Item::Event(spec.prepare(&view).unwrap())
+                    prepared(
+                        &spec,
+                        (first + i + 1) as u64,
+                        p,
+                        now_ms + (first + i) as u64,
+                    )
                 })
                 .collect();
             store
