@@ -9,6 +9,7 @@
 
 mod filter;
 mod record;
+mod runs;
 
 pub use record::{Checkpoint, DeadNote, KvValue, Record};
 
@@ -28,7 +29,7 @@ use crate::reduce::Change;
 use crate::spec::{Prepared, Spec};
 
 /// The store file format this build writes (bumped on incompatible layout changes).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -36,6 +37,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 struct Tables {
     records: String,
     dedupe: String,
+    runs: String,
     outbox: String,
     dead: String,
     checkpoint_key: String,
@@ -46,6 +48,7 @@ impl Tables {
         Tables {
             records: format!("records:{namespace}"),
             dedupe: format!("dedupe:{namespace}"),
+            runs: format!("runs:{namespace}"),
             outbox: format!("outbox:{namespace}"),
             dead: format!("dead:{namespace}"),
             checkpoint_key: format!("checkpoint:{namespace}"),
@@ -55,10 +58,16 @@ impl Tables {
     fn records(&self) -> TableDefinition<'_, &'static str, &'static [u8]> {
         TableDefinition::new(&self.records)
     }
-    /// (publish-time bucket, dedupe id) → (stream seq, publish ms). Bucketing by the dedupe
-    /// window keeps inserts clustered and makes expiry a range delete of old buckets.
+    /// (publish-time bucket, dedupe id) → (stream seq, publish ms): markers one row each, for
+    /// buckets whose run index is full, and those of imports and of format 1. Bucketing by the
+    /// dedupe window makes expiry a range delete of old buckets.
     fn dedupe(&self) -> TableDefinition<'_, (u64, &'static str), (u64, u64)> {
         TableDefinition::new(&self.dedupe)
+    }
+    /// (publish-time bucket, first stream seq) → a run of markers ([`runs`]): the markers one
+    /// batch applied in that bucket. Keyed in stream order, so writing them is append-like.
+    fn runs(&self) -> TableDefinition<'_, (u64, u64), &'static [u8]> {
+        TableDefinition::new(&self.runs)
     }
     /// key → the sequence KV must reach. Present = KV is behind the store for that key.
     fn outbox(&self) -> TableDefinition<'_, &'static str, u64> {
@@ -375,14 +384,26 @@ pub struct Store {
     cache_bytes: usize,
     /// `None` only while a reopen is in progress.
     db: RwLock<Option<Arc<Database>>>,
-    /// The dedupe markers' negative cache; used and changed only under a write transaction.
+    /// The by-id dedupe markers' negative cache; used and changed only under a write
+    /// transaction.
     filters: Mutex<filter::Filters>,
+    /// The index of the dedupe runs; used and changed only under a write transaction.
+    run_index: Mutex<runs::RunIndex>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).finish()
     }
+}
+
+/// Locks a cache of the store; a cache a panic poisoned is emptied (it reloads from the tables).
+fn lock_or_forget<T: Default>(cache: &Mutex<T>) -> MutexGuard<'_, T> {
+    cache.lock().unwrap_or_else(|poisoned| {
+        let mut cache = poisoned.into_inner();
+        *cache = T::default();
+        cache
+    })
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -409,6 +430,7 @@ impl Store {
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             filters: Mutex::default(),
+            run_index: Mutex::default(),
         };
         store.check_format()?;
         Ok(store)
@@ -435,11 +457,12 @@ impl Store {
 
     /// The dedupe filters (emptied if a panic poisoned them: forgetting is always safe).
     fn filters(&self) -> MutexGuard<'_, filter::Filters> {
-        self.filters.lock().unwrap_or_else(|poisoned| {
-            let mut filters = poisoned.into_inner();
-            *filters = filter::Filters::default();
-            filters
-        })
+        lock_or_forget(&self.filters)
+    }
+
+    /// The dedupe run index (emptied if a panic poisoned it: forgetting is always safe).
+    fn run_index(&self) -> MutexGuard<'_, runs::RunIndex> {
+        lock_or_forget(&self.run_index)
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
@@ -480,6 +503,10 @@ impl Store {
                 .transpose()?;
             match found {
                 Some(FORMAT_VERSION) => {}
+                // Format 1 had no runs table: its by-id markers stay valid and are still read.
+                Some(1) => {
+                    meta.insert("format", encode(&FORMAT_VERSION)?.as_slice())?;
+                }
                 Some(found) => return Err(StoreError::Format { found }),
                 None => {
                     meta.insert("format", encode(&FORMAT_VERSION)?.as_slice())?;
@@ -516,6 +543,7 @@ impl Store {
         let window = spec.dedupe_window_ms;
         let txn = db.begin_write()?;
         let mut filters = self.filters();
+        let mut run_index = self.run_index();
         let mut applied = Applied {
             outcomes: Vec::with_capacity(items.len()),
             ..Applied::default()
@@ -523,6 +551,7 @@ impl Store {
         {
             let mut records = txn.open_table(tables.records())?;
             let mut dedupe = txn.open_table(tables.dedupe())?;
+            let mut runs = txn.open_table(tables.runs())?;
             let mut outbox = txn.open_table(tables.outbox())?;
             let mut dead = txn.open_table(tables.dead())?;
             let mut meta = txn.open_table(META)?;
@@ -539,8 +568,21 @@ impl Store {
                 &mut outbox,
                 &mut dead,
                 &mut dedupe,
+                &mut runs,
             )?
-            .inspect(|horizon| filters.expire(&spec.namespace, *horizon));
+            .inspect(|horizon| {
+                filters.expire(&spec.namespace, *horizon);
+                run_index.expire(&spec.namespace, *horizon);
+            });
+            let mut markers = Markers {
+                namespace: &spec.namespace,
+                by_id: &mut dedupe,
+                runs: &mut runs,
+                filters: &mut filters,
+                index: &mut run_index,
+                pending: Vec::new(),
+                blocks: Vec::new(),
+            };
             let confirmed_revisions: HashMap<&str, u64> = house
                 .kv_confirmed
                 .iter()
@@ -602,21 +644,15 @@ impl Store {
                     continue;
                 }
                 let bucket = p.publish_ms.checked_div(window).unwrap_or(0);
+                let mut id_hash = 0;
                 if window > 0 {
                     let id = p.event.dedupe_id();
+                    id_hash = runs::hash(id);
                     let mut seen = false;
                     for b in [bucket, bucket.saturating_sub(1), bucket + 1] {
-                        // Most ids are new: the filter says so without a table lookup.
-                        let load = |add: &mut dyn FnMut(&str) -> bool| bucket_ids(&dedupe, b, add);
-                        if !filters.may_contain(&spec.namespace, b, id, load)? {
-                            continue;
-                        }
-                        if let Some(marker) = dedupe.get((b, id))? {
-                            let (_, marker_ms) = marker.value();
-                            if p.publish_ms.abs_diff(marker_ms) <= window {
-                                seen = true;
-                                break;
-                            }
+                        if markers.seen(b, id, id_hash, p.publish_ms, window)? {
+                            seen = true;
+                            break;
                         }
                     }
                     if seen {
@@ -673,13 +709,14 @@ impl Store {
                 };
                 w.dirty = true;
                 if window > 0 {
-                    dedupe.insert((bucket, p.event.dedupe_id()), (p.seq, p.publish_ms))?;
-                    filters.insert(&spec.namespace, bucket, p.event.dedupe_id());
+                    markers.record(bucket, p.event.dedupe_id(), id_hash, p.seq, p.publish_ms)?;
                 }
                 w.event_id = p.event.id;
                 applied_count += 1;
                 applied.outcomes.push(Outcome::Applied);
             }
+
+            markers.write_runs()?;
 
             // Written in key order: neighbouring keys share B-tree pages, so a batch dirties
             // (and copies on write) fewer pages than in arrival order. KV writes follow the
@@ -738,6 +775,7 @@ impl Store {
             let mut outbox = txn.open_table(tables.outbox())?;
             let mut dead = txn.open_table(tables.dead())?;
             let mut dedupe = txn.open_table(tables.dedupe())?;
+            let mut runs = txn.open_table(tables.runs())?;
             let mut meta = txn.open_table(META)?;
             let mut checkpoint = meta
                 .get(tables.checkpoint_key.as_str())?
@@ -752,8 +790,12 @@ impl Store {
                 &mut outbox,
                 &mut dead,
                 &mut dedupe,
+                &mut runs,
             )?
-            .inspect(|horizon| self.filters().expire(&spec.namespace, *horizon));
+            .inspect(|horizon| {
+                self.filters().expire(&spec.namespace, *horizon);
+                self.run_index().expire(&spec.namespace, *horizon);
+            });
             if checkpoint != before {
                 meta.insert(
                     tables.checkpoint_key.as_str(),
@@ -969,6 +1011,7 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 type OutboxTable<'t> = redb::Table<'t, &'static str, u64>;
 type DeadTable<'t> = redb::Table<'t, u64, &'static [u8]>;
 type DedupeTable<'t> = redb::Table<'t, (u64, &'static str), (u64, u64)>;
+type RunsTable<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
 
 /// Folds confirmations from earlier batches into an open write transaction.
 fn fold_housekeeping(
@@ -978,6 +1021,7 @@ fn fold_housekeeping(
     outbox: &mut OutboxTable<'_>,
     dead: &mut DeadTable<'_>,
     dedupe: &mut DedupeTable<'_>,
+    runs: &mut RunsTable<'_>,
 ) -> Result<Option<u64>, StoreError> {
     let mut expired_below = None;
     for c in &house.kv_confirmed {
@@ -1003,15 +1047,148 @@ fn fold_housekeeping(
                 .saturating_sub(window_ms)
                 .checked_div(window_ms)
             {
-                let expired = matches!(dedupe.first()?, Some((k, _)) if k.value().0 < horizon);
-                if expired {
+                if matches!(dedupe.first()?, Some((k, _)) if k.value().0 < horizon) {
                     dedupe.retain_in::<(u64, &str), _>(..(horizon, ""), |_, _| false)?;
+                    expired_below = Some(horizon);
+                }
+                if matches!(runs.first()?, Some((k, _)) if k.value().0 < horizon) {
+                    runs.retain_in::<(u64, u64), _>(..(horizon, 0), |_, _| false)?;
                     expired_below = Some(horizon);
                 }
             }
         }
     }
     Ok(expired_below)
+}
+
+/// The dedupe markers as one batch sees them: both tables, their caches, and the batch's own
+/// runs (written at its end).
+struct Markers<'a, 't> {
+    namespace: &'a str,
+    by_id: &'a mut DedupeTable<'t>,
+    runs: &'a mut RunsTable<'t>,
+    filters: &'a mut filter::Filters,
+    index: &'a mut runs::RunIndex,
+    /// This batch's runs: (bucket, first seq, markers).
+    pending: Vec<(u64, u64, Vec<runs::Marker>)>,
+    /// Scratch: candidate blocks of one lookup.
+    blocks: Vec<u64>,
+}
+
+impl Markers<'_, '_> {
+    /// Whether `bucket` holds a marker of `id` (hash `h`) published within `window` of
+    /// `publish_ms`.
+    fn seen(
+        &mut self,
+        bucket: u64,
+        id: &str,
+        h: u64,
+        publish_ms: u64,
+        window: u64,
+    ) -> Result<bool, StoreError> {
+        let within = |ms: u64| publish_ms.abs_diff(ms) <= window;
+        let runs = &*self.runs;
+        let mut load = |add: &mut dyn FnMut(u64, &str)| bucket_runs(runs, bucket, add);
+        // Most ids are new: the index says so without reading a run.
+        self.index
+            .candidates(self.namespace, bucket, h, &mut load, &mut self.blocks)?;
+        for &block in &self.blocks {
+            for (b, first, pending) in &self.pending {
+                if *b == bucket
+                    && runs::block(*first) == block
+                    && pending.iter().any(|(at, _, ms)| at == id && within(*ms))
+                {
+                    return Ok(true);
+                }
+            }
+            let range = runs::block_range(block);
+            for row in runs.range((bucket, range.start)..(bucket, range.end))? {
+                let (_, run) = row?;
+                if matches!(runs::Run::parse(run.value())?.find(id), Some((_, ms)) if within(ms)) {
+                    return Ok(true);
+                }
+            }
+        }
+        let by_id = &*self.by_id;
+        let load = |add: &mut dyn FnMut(&str) -> bool| bucket_ids(by_id, bucket, add);
+        if self.filters.may_contain(self.namespace, bucket, id, load)? {
+            if let Some(marker) = by_id.get((bucket, id))? {
+                return Ok(within(marker.value().1));
+            }
+        }
+        Ok(false)
+    }
+
+    /// Records the marker of an applied event: in this batch's run of its bucket, or one row by
+    /// id when the bucket's run index is full.
+    fn record(
+        &mut self,
+        bucket: u64,
+        id: &str,
+        h: u64,
+        seq: u64,
+        publish_ms: u64,
+    ) -> Result<(), StoreError> {
+        if !self.index.has_room(self.namespace, bucket) {
+            self.by_id.insert((bucket, id), (seq, publish_ms))?;
+            self.filters.insert(self.namespace, bucket, id);
+            return Ok(());
+        }
+        let marker = (id.to_owned(), seq, publish_ms);
+        let first = match self.pending.iter_mut().find(|(b, ..)| *b == bucket) {
+            Some((_, first, run)) => {
+                run.push(marker);
+                *first
+            }
+            None => {
+                self.pending.push((bucket, seq, vec![marker]));
+                seq
+            }
+        };
+        let (runs, pending) = (&*self.runs, &self.pending);
+        // A rebuild reads the stored runs and this batch's.
+        let mut load = |add: &mut dyn FnMut(u64, &str)| {
+            bucket_runs(runs, bucket, add)?;
+            for (_, first, markers) in pending.iter().filter(|(b, ..)| *b == bucket) {
+                for (id, _, _) in markers {
+                    add(*first, id);
+                }
+            }
+            Ok::<_, StoreError>(())
+        };
+        self.index
+            .insert(self.namespace, bucket, h, first, &mut load)
+    }
+
+    /// Writes this batch's runs (merged into a run already stored under the same key, which
+    /// only a replay of the same sequences can leave).
+    fn write_runs(self) -> Result<(), StoreError> {
+        for (bucket, first, mut markers) in self.pending {
+            if let Some(stored) = self.runs.get((bucket, first))? {
+                let stored = runs::Run::parse(stored.value())?;
+                markers.extend(stored.iter().map(|(id, seq, ms)| (id.to_owned(), seq, ms)));
+            }
+            self.runs
+                .insert((bucket, first), runs::encode(&mut markers).as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// Calls `add` with the first sequence and each dedupe id of every run of `bucket`.
+fn bucket_runs(
+    runs: &RunsTable<'_>,
+    bucket: u64,
+    add: &mut dyn FnMut(u64, &str),
+) -> Result<(), StoreError> {
+    for row in runs.range((bucket, 0)..=(bucket, u64::MAX))? {
+        let (key, run) = row?;
+        let first = key.value().1;
+        for (id, _, _) in runs::Run::parse(run.value())?.iter() {
+            add(first, id);
+        }
+    }
+    Ok(())
 }
 
 /// Calls `add` with every dedupe id of `bucket`, until it returns `false`.
@@ -1078,6 +1255,21 @@ impl Store {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(err) => return Err(err.into()),
         }
+        match txn.open_table(tables.runs()) {
+            Ok(table) => {
+                for entry in table.iter()? {
+                    let (k, v) = entry?;
+                    let (bucket, _) = k.value();
+                    for (id, seq, ms) in runs::Run::parse(v.value())?.iter() {
+                        contents.markers.push((bucket, id.to_owned(), seq, ms));
+                    }
+                }
+                // One order whatever table a marker came from.
+                contents.markers.sort_unstable();
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
         match txn.open_table(tables.dead()) {
             Ok(table) => {
                 for entry in table.iter()? {
@@ -1108,13 +1300,16 @@ impl Store {
         {
             let mut records = txn.open_table(tables.records())?;
             let mut dedupe = txn.open_table(tables.dedupe())?;
+            let mut runs = txn.open_table(tables.runs())?;
             let mut outbox = txn.open_table(tables.outbox())?;
             let mut dead = txn.open_table(tables.dead())?;
             let mut meta = txn.open_table(META)?;
             // Under the write transaction: no batch can load the old markers meanwhile.
             self.filters().forget(namespace);
+            self.run_index().forget(namespace);
             records.retain(|_, _| false)?;
             dedupe.retain(|_, _| false)?;
+            runs.retain(|_, _| false)?;
             outbox.retain(|_, _| false)?;
             dead.retain(|_, _| false)?;
             for (key, record) in &contents.records {

@@ -89,3 +89,156 @@ fn dedupe_markers_survive_a_reopen_and_an_import() {
     let imported = vec![item(&spec, 9, 11_800, "imported", d("v"))];
     assert_eq!(outcomes(&store, &spec, imported), vec![Outcome::Duplicate]);
 }
+
+/// An id of the UUIDv4 kind: ids in no particular order.
+fn random_id(i: u64) -> String {
+    format!("{:016x}-{i}", runs::hash(&i.to_string()))
+}
+
+/// Rows of the runs table and of the by-id marker table.
+fn marker_rows(store: &Store, spec: &Spec) -> (u64, u64) {
+    let tables = Tables::new(&spec.namespace);
+    let txn = store.db().unwrap().begin_read().unwrap();
+    let runs = txn.open_table(tables.runs()).unwrap().len().unwrap();
+    let by_id = txn.open_table(tables.dedupe()).unwrap().len().unwrap();
+    (runs, by_id)
+}
+
+/// Markers go into runs until a bucket's index is full, then one row per id; a re-published
+/// id is a duplicate whichever table holds its marker, before and after a reopen (which
+/// reloads both caches from the tables), and an export carries both kinds.
+#[test]
+fn random_ids_are_deduplicated_from_runs_and_past_the_index_limit() {
+    let spec = spec_for("counter", "dedupe_window = \"1h\"");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    // One bucket: every publish time within the same hour.
+    let ms = 5 * 3_600_000 + 10;
+    let n = 2 * runs::MAX_INDEXED as u64 + 5;
+    let d = |i: u64| serde_json::json!({"k": format!("k{}", i % 5)});
+    let republish = |store: &Store, first_seq: u64| {
+        let again: Vec<Item> = (1..=n)
+            .map(|i| {
+                item(
+                    &spec,
+                    first_seq + i,
+                    ms + first_seq + i,
+                    &random_id(i),
+                    d(i),
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes(store, &spec, again),
+            vec![Outcome::Duplicate; n as usize]
+        );
+    };
+    {
+        let store = Store::open(&path, 4).unwrap();
+        let seqs: Vec<u64> = (1..=n).collect();
+        for chunk in seqs.chunks(7) {
+            let items = chunk
+                .iter()
+                .map(|&i| item(&spec, i, ms + i, &random_id(i), d(i)))
+                .collect();
+            assert_eq!(
+                outcomes(&store, &spec, items),
+                vec![Outcome::Applied; chunk.len()]
+            );
+        }
+        let (run_rows, by_id) = marker_rows(&store, &spec);
+        assert!(
+            run_rows >= (runs::MAX_INDEXED / 7) as u64,
+            "{run_rows} runs"
+        );
+        assert_eq!(by_id, n - runs::MAX_INDEXED as u64);
+        republish(&store, n);
+    }
+    let store = Store::open(&path, 4).unwrap();
+    republish(&store, 2 * n);
+    let fresh = vec![item(&spec, 3 * n + 1, ms + 3 * n + 1, "fresh", d(0))];
+    assert_eq!(outcomes(&store, &spec, fresh), vec![Outcome::Applied]);
+    let markers = store.export(&spec.namespace).unwrap().markers;
+    assert_eq!(markers.len() as u64, n + 1);
+    assert!(markers.windows(2).all(|w| w[0] < w[1]), "in one order");
+    assert!(
+        markers
+            .iter()
+            .any(|m| m.1 == random_id(1) && m.2 == 1 && m.3 == ms + 1)
+    );
+}
+
+/// Runs expire with their bucket, like by-id markers: the rows are deleted and the index
+/// forgets them, so the id counts as new again.
+#[test]
+fn expired_runs_are_deleted_and_their_ids_are_new_again() {
+    let spec = spec_for("counter", "dedupe_window = \"1s\"");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb"), 4).unwrap();
+    let d = serde_json::json!({"k": "a"});
+    let position = |seq: u64, publish_ms: u64| Position {
+        stream: "S".into(),
+        stream_created_ns: 0,
+        seq,
+        publish_ms,
+        payload_sha256: [0; 32],
+    };
+    let items = vec![
+        item(&spec, 1, 10_100, "x", d.clone()),
+        item(&spec, 2, 10_200, "y", d.clone()),
+    ];
+    let applied = store
+        .apply(
+            &spec,
+            items,
+            &Housekeeping::default(),
+            Some(&position(2, 10_200)),
+        )
+        .unwrap();
+    assert_eq!(applied.outcomes, vec![Outcome::Applied; 2]);
+    assert_eq!(marker_rows(&store, &spec), (1, 0));
+    // Still within the window: a duplicate.
+    let again = vec![item(&spec, 3, 10_900, "x", d.clone())];
+    assert_eq!(outcomes(&store, &spec, again), vec![Outcome::Duplicate]);
+    // The consumer acked everything published up to 12.5 s: bucket 10 can never match again.
+    let house = Housekeeping {
+        ack_floor: Some((2, 12_500)),
+        ..Housekeeping::default()
+    };
+    store.housekeep(&spec, &house).unwrap();
+    assert_eq!(marker_rows(&store, &spec), (0, 0));
+    let later = vec![item(&spec, 4, 12_600, "x", d)];
+    assert_eq!(outcomes(&store, &spec, later), vec![Outcome::Applied]);
+}
+
+/// A store of format 1 (by-id markers only) is taken over; a newer format is refused.
+#[test]
+fn a_format_1_store_is_upgraded_and_a_newer_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let set_format = |store: &Store, format: u32| {
+        let txn = store.db().unwrap().begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format", encode(&format).unwrap().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    };
+    set_format(&Store::open(&path, 4).unwrap(), 1);
+    let store = Store::open(&path, 4).unwrap();
+    let txn = store.db().unwrap().begin_read().unwrap();
+    let format = txn
+        .open_table(META)
+        .unwrap()
+        .get("format")
+        .unwrap()
+        .unwrap();
+    assert_eq!(decode::<u32>(format.value()).unwrap(), FORMAT_VERSION);
+    drop((format, txn));
+    set_format(&store, FORMAT_VERSION + 1);
+    drop(store);
+    assert!(matches!(
+        Store::open(&path, 4),
+        Err(StoreError::Format { found }) if found == FORMAT_VERSION + 1
+    ));
+}

@@ -1,0 +1,528 @@
+//! Dedupe markers written as runs, and the in-memory index that finds them by id.
+//!
+//! A batch writes the markers it applies in one publish-time bucket as one *run*: a single row
+//! keyed (bucket, stream sequence of the run's first marker), its markers sorted by id. Rows
+//! arrive in stream order, so writing them stays append-like whatever the ids look like (one
+//! B-tree insert per marker, keyed by id, scattered random ids over the whole table: a page
+//! copied and written per marker).
+//!
+//! The index maps an id to the runs that may hold it: per namespace and bucket, an
+//! open-addressing table of 32-bit slots, each a 16-bit fingerprint of the id's hash and the low
+//! 16 bits of its run's sequence block (first sequence >> [`BLOCK_BITS`]): 5 to 11 bytes per id,
+//! one cache miss per lookup. A slot is confirmed by reading the runs of its block.
+//!
+//! Invariant: a loaded bucket holds a slot for every marker of the bucket's runs (it may hold
+//! more: runs of a transaction that did not commit, runs expired since). So "no candidate" is
+//! definite. A bucket is loaded from the table the first time a batch needs it, inside that
+//! batch's write transaction; every marker written later goes through [`RunIndex::insert`].
+//! Whatever replaces runs wholesale (an import) must call [`RunIndex::forget`].
+
+use std::hash::BuildHasher;
+
+use foldhash::HashMap;
+
+use super::StoreError;
+
+/// A run's sequence block: runs whose first sequence shares `seq >> BLOCK_BITS`.
+pub(super) const BLOCK_BITS: u32 = 12;
+/// Ids a bucket indexes at most (about 4 to 8 bytes each); markers beyond it are written one
+/// row per id instead (the by-id table, behind its Bloom filter).
+#[cfg(not(test))]
+pub(super) const MAX_INDEXED: usize = 2 << 20;
+#[cfg(test)]
+pub(super) const MAX_INDEXED: usize = 40;
+/// Slots of a bucket's table at least (tests: small, so that batches rebuild tables).
+#[cfg(not(test))]
+const FIRST_SLOTS: usize = 1 << 12;
+#[cfg(test)]
+const FIRST_SLOTS: usize = 16;
+
+/// The hash an id is indexed by.
+pub(super) fn hash(id: &str) -> u64 {
+    foldhash::quality::FixedState::with_seed(0x7275_6e73_2d69_6478).hash_one(id)
+}
+
+/// The block of a run starting at `first_seq`.
+pub(super) fn block(first_seq: u64) -> u64 {
+    first_seq >> BLOCK_BITS
+}
+
+/// The first-sequence range of the runs of `block`.
+pub(super) fn block_range(block: u64) -> std::ops::Range<u64> {
+    let start = block << BLOCK_BITS;
+    start..start.saturating_add(1 << BLOCK_BITS)
+}
+
+/// One marker of a run: (dedupe id, stream seq, publish ms).
+pub(super) type Marker = (String, u64, u64);
+
+/// Encodes markers as a run: `n: u32`, `n` end offsets (`u32`, into the entries), then the
+/// entries sorted by id, each `seq: u64`, `publish_ms: u64`, the id's bytes (all little-endian).
+pub(super) fn encode(markers: &mut [Marker]) -> Vec<u8> {
+    markers.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let n = markers.len();
+    let entries: usize = markers.iter().map(|m| 16 + m.0.len()).sum();
+    let mut out = Vec::with_capacity(4 + 4 * n + entries);
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    let mut end = 0u32;
+    for (id, _, _) in markers.iter() {
+        end += 16 + id.len() as u32;
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+    for (id, seq, ms) in markers.iter() {
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&ms.to_le_bytes());
+        out.extend_from_slice(id.as_bytes());
+    }
+    out
+}
+
+/// A stored run, read in place.
+pub(super) struct Run<'a> {
+    ends: &'a [u8],
+    entries: &'a [u8],
+}
+
+impl<'a> Run<'a> {
+    /// Checks the layout of a stored run.
+    pub(super) fn parse(bytes: &'a [u8]) -> Result<Run<'a>, StoreError> {
+        let bad = || StoreError::Corrupted("a dedupe run has a broken layout".into());
+        let n = bytes
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(bad)? as usize;
+        let header = n
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(4))
+            .ok_or_else(bad)?;
+        let ends = bytes.get(4..header).ok_or_else(bad)?;
+        let entries = &bytes[header..];
+        let run = Run { ends, entries };
+        let mut start = 0;
+        for i in 0..n {
+            let end = run.end(i);
+            if end < start + 16
+                || end > entries.len()
+                || std::str::from_utf8(&entries[start + 16..end]).is_err()
+            {
+                return Err(bad());
+            }
+            start = end;
+        }
+        if start != entries.len() {
+            return Err(bad());
+        }
+        Ok(run)
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len() / 4
+    }
+
+    fn end(&self, i: usize) -> usize {
+        let b = &self.ends[4 * i..4 * i + 4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+    }
+
+    /// Entry `i`: (id, seq, publish ms). Offsets were checked by [`Run::parse`].
+    fn entry(&self, i: usize) -> (&'a str, u64, u64) {
+        let start = if i == 0 { 0 } else { self.end(i - 1) };
+        let e = &self.entries[start..self.end(i)];
+        let num = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&e[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        (
+            std::str::from_utf8(&e[16..]).unwrap_or_default(),
+            num(0),
+            num(8),
+        )
+    }
+
+    /// The marker of `id`: (seq, publish ms).
+    pub(super) fn find(&self, id: &str) -> Option<(u64, u64)> {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (at, seq, ms) = self.entry(mid);
+            match at.cmp(id) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some((seq, ms)),
+            }
+        }
+        None
+    }
+
+    /// Every marker, in id order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&'a str, u64, u64)> + '_ {
+        (0..self.len()).map(|i| self.entry(i))
+    }
+}
+
+/// The run index of every namespace of one store.
+#[derive(Debug, Default)]
+pub(super) struct RunIndex {
+    namespaces: HashMap<String, HashMap<u64, Bucket>>,
+}
+
+/// The index of one bucket: one open-addressing table (linear probing), rebuilt twice as large
+/// from the bucket's runs when three quarters full (a slot keeps too little of the hash to be
+/// moved).
+#[derive(Debug, Default)]
+struct Bucket {
+    /// Empty, or a power of two long.
+    slots: Vec<u32>,
+    /// Slots in use.
+    used: usize,
+    /// Ids inserted (repeats counted).
+    len: usize,
+    /// The lowest and highest block of the bucket's runs (a slot keeps 16 bits of it).
+    blocks: Option<(u64, u64)>,
+}
+
+/// The slot of an id's hash in a run of `block`: a nonzero fingerprint and the block's low bits.
+fn slot(h: u64, block: u64) -> u32 {
+    let fingerprint = ((h >> 48) as u32).max(1);
+    fingerprint << 16 | (block as u32 & 0xffff)
+}
+
+impl Bucket {
+    /// An empty table at most half full with `ids` ids.
+    fn with_room(ids: usize) -> Bucket {
+        Bucket {
+            slots: vec![0; (ids * 2).next_power_of_two().max(FIRST_SLOTS)],
+            ..Bucket::default()
+        }
+    }
+
+    /// Whether the table must grow before it takes another id.
+    fn full(&self) -> bool {
+        self.used * 4 >= self.slots.len() * 3
+    }
+
+    /// Inserts into a table that is not full.
+    fn insert(&mut self, h: u64, block: u64) {
+        self.len += 1;
+        self.blocks = Some(match self.blocks {
+            Some((lo, hi)) => (lo.min(block), hi.max(block)),
+            None => (block, block),
+        });
+        let value = slot(h, block);
+        let mask = self.slots.len() - 1;
+        let mut i = h as usize & mask;
+        loop {
+            match self.slots[i] {
+                0 => {
+                    self.slots[i] = value;
+                    self.used += 1;
+                    return;
+                }
+                same if same == value => return,
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// The blocks whose runs may hold the id of hash `h`, into `out` (cleared first).
+    fn candidates(&self, h: u64, out: &mut Vec<u64>) {
+        out.clear();
+        let Some((lo, hi)) = self.blocks else {
+            return;
+        };
+        let fingerprint = slot(h, 0) >> 16;
+        let mask = self.slots.len() - 1;
+        let mut i = h as usize & mask;
+        // Never full, so the probe meets an empty slot.
+        while self.slots[i] != 0 {
+            let found = self.slots[i];
+            if found >> 16 == fingerprint {
+                // A bucket's blocks almost always span fewer than 65,536 values: one each.
+                let mut block = (lo & !0xffff) | u64::from(found & 0xffff);
+                if block < lo {
+                    block += 1 << 16;
+                }
+                while block <= hi {
+                    if !out.contains(&block) {
+                        out.push(block);
+                    }
+                    block += 1 << 16;
+                }
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
+/// Reads a bucket's markers: calls its argument with each marker's run's first sequence and id.
+pub(super) type Load<'l, E> = &'l mut dyn FnMut(&mut dyn FnMut(u64, &str)) -> Result<(), E>;
+
+impl RunIndex {
+    /// The blocks of `bucket` whose runs may hold the id of hash `h`, into `out` (none is
+    /// definite). `load` reads the bucket's markers; it runs the first time a bucket is asked
+    /// about.
+    pub(super) fn candidates<E>(
+        &mut self,
+        namespace: &str,
+        bucket: u64,
+        h: u64,
+        load: Load<'_, E>,
+        out: &mut Vec<u64>,
+    ) -> Result<(), E> {
+        if !self.namespaces.contains_key(namespace) {
+            self.namespaces
+                .insert(namespace.to_owned(), HashMap::default());
+        }
+        let Some(buckets) = self.namespaces.get_mut(namespace) else {
+            out.clear();
+            return Ok(());
+        };
+        let index = match buckets.entry(bucket) {
+            std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(build(load, 0)?),
+        };
+        index.candidates(h, out);
+        Ok(())
+    }
+
+    /// Whether `bucket` is loaded and has room for another id.
+    pub(super) fn has_room(&self, namespace: &str, bucket: u64) -> bool {
+        self.namespaces
+            .get(namespace)
+            .and_then(|b| b.get(&bucket))
+            .is_some_and(|index| index.len < MAX_INDEXED)
+    }
+
+    /// Records the id of hash `h` as written in the run of `bucket` starting at `first_seq`.
+    /// The bucket must be loaded (see [`RunIndex::has_room`]). A full table is rebuilt from
+    /// `load`, which must read every marker of the bucket, the batch in hand's (this one
+    /// included) as well as the stored runs.
+    pub(super) fn insert<E>(
+        &mut self,
+        namespace: &str,
+        bucket: u64,
+        h: u64,
+        first_seq: u64,
+        load: Load<'_, E>,
+    ) -> Result<(), E> {
+        let Some(index) = self
+            .namespaces
+            .get_mut(namespace)
+            .and_then(|b| b.get_mut(&bucket))
+        else {
+            return Ok(());
+        };
+        if index.full() {
+            // The rebuilt table holds this id too: `load` reads it.
+            *index = build(load, index.len)?;
+        } else {
+            index.insert(h, block(first_seq));
+        }
+        Ok(())
+    }
+
+    /// Drops the index of buckets below `horizon` (their runs expired).
+    pub(super) fn expire(&mut self, namespace: &str, horizon: u64) {
+        if let Some(buckets) = self.namespaces.get_mut(namespace) {
+            buckets.retain(|bucket, _| *bucket >= horizon);
+        }
+    }
+
+    /// Forgets a namespace (its runs were replaced): its buckets load again.
+    pub(super) fn forget(&mut self, namespace: &str) {
+        self.namespaces.remove(namespace);
+    }
+}
+
+/// A bucket's index of what `load` reads, sized for `ids` ids at first (and read again into a
+/// larger table if they do not fit).
+fn build<E>(load: Load<'_, E>, ids: usize) -> Result<Bucket, E> {
+    let mut index = Bucket::with_room(ids);
+    loop {
+        let mut overflow = false;
+        load(&mut |first_seq, id| {
+            if index.full() {
+                overflow = true;
+            } else {
+                index.insert(hash(id), block(first_seq));
+            }
+        })?;
+        if !overflow {
+            return Ok(index);
+        }
+        index = Bucket::with_room(index.slots.len() * 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn no_runs(_: &mut dyn FnMut(u64, &str)) -> Result<(), ()> {
+        Ok(())
+    }
+
+    /// The rows an index is loaded and rebuilt from: (first seq, id).
+    #[derive(Default)]
+    struct Rows(Vec<(u64, String)>);
+
+    impl Rows {
+        fn insert(&mut self, index: &mut RunIndex, bucket: u64, id: &str, first_seq: u64) {
+            self.0.push((first_seq, id.to_owned()));
+            let rows = &self.0;
+            let mut load = |add: &mut dyn FnMut(u64, &str)| {
+                rows.iter().for_each(|(seq, id)| add(*seq, id));
+                Ok::<_, ()>(())
+            };
+            index
+                .insert("ns", bucket, hash(id), first_seq, &mut load)
+                .unwrap();
+        }
+    }
+
+    proptest! {
+        /// Every marker of a run is found with its own sequence and time; other ids are not.
+        #[test]
+        fn a_run_finds_exactly_its_markers(
+            ids in prop::collection::hash_set("[a-z0-9-]{0,12}", 0..60),
+            probe in "[a-z0-9-]{0,12}",
+        ) {
+            let mut markers: Vec<Marker> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.clone(), i as u64 + 1, 1_000 + i as u64))
+                .collect();
+            let expected = markers.clone();
+            let bytes = encode(&mut markers);
+            let run = Run::parse(&bytes).unwrap();
+            for (id, seq, ms) in &expected {
+                prop_assert_eq!(run.find(id), Some((*seq, *ms)));
+            }
+            if !ids.contains(&probe) {
+                prop_assert_eq!(run.find(&probe), None);
+            }
+            let listed: Vec<_> = run.iter().map(|(id, _, _)| id.to_owned()).collect();
+            let mut sorted: Vec<_> = ids.iter().cloned().collect();
+            sorted.sort();
+            prop_assert_eq!(listed, sorted);
+        }
+
+        /// A damaged run is refused, never misread or a panic.
+        #[test]
+        fn a_damaged_run_is_refused_or_read_in_bounds(cut in 0usize..200, flip in 0usize..200) {
+            let mut markers: Vec<Marker> =
+                (0..5).map(|i| (format!("id-{i}"), i, i * 10)).collect();
+            let mut bytes = encode(&mut markers);
+            if flip < bytes.len() {
+                bytes[flip] ^= 0x5a;
+            }
+            bytes.truncate(cut.min(bytes.len()));
+            if let Ok(run) = Run::parse(&bytes) {
+                for (id, _, _) in run.iter() {
+                    let _ = run.find(id);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_inserted_id_points_at_its_block_and_most_others_at_none() {
+        let mut index = RunIndex::default();
+        let mut rows = Rows::default();
+        let mut out = Vec::new();
+        index
+            .candidates("ns", 7, hash("x"), &mut no_runs, &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+        for i in 0..100_000u64 {
+            rows.insert(&mut index, 7, &format!("id-{i}"), 1_000_000 + i);
+        }
+        for i in 0..100_000u64 {
+            index
+                .candidates("ns", 7, hash(&format!("id-{i}")), &mut no_runs, &mut out)
+                .unwrap();
+            assert!(out.contains(&block(1_000_000 + i)), "id-{i}: {out:?}");
+        }
+        let false_candidates: usize = (0..100_000)
+            .map(|i| {
+                index
+                    .candidates("ns", 7, hash(&format!("other-{i}")), &mut no_runs, &mut out)
+                    .unwrap();
+                out.len()
+            })
+            .sum();
+        // At most three quarters full: about eight slots probed per miss, 1 in 65,535 matching
+        // each.
+        assert!(
+            false_candidates < 200,
+            "{false_candidates} false candidates"
+        );
+        let mut other = Vec::new();
+        index
+            .candidates("ns", 8, hash("id-1"), &mut no_runs, &mut other)
+            .unwrap();
+        assert!(other.is_empty(), "another bucket knows nothing of these");
+        index.expire("ns", 8);
+        index
+            .candidates("ns", 7, hash("id-1"), &mut no_runs, &mut out)
+            .unwrap();
+        assert!(
+            out.is_empty(),
+            "an expired bucket loads again from the (empty) table"
+        );
+    }
+
+    #[test]
+    fn blocks_far_apart_in_one_bucket_are_all_candidates() {
+        let mut index = RunIndex::default();
+        let mut out = Vec::new();
+        index
+            .candidates("ns", 1, 0, &mut no_runs, &mut out)
+            .unwrap();
+        let h = hash("same");
+        // The same low 16 bits of the block, 65,536 blocks apart.
+        let mut rows = Rows::default();
+        rows.insert(&mut index, 1, "same", 5 << BLOCK_BITS);
+        rows.insert(&mut index, 1, "same", (5 + (1 << 16)) << BLOCK_BITS);
+        index
+            .candidates("ns", 1, h, &mut no_runs, &mut out)
+            .unwrap();
+        assert_eq!(out, vec![5, 5 + (1 << 16)]);
+    }
+
+    #[test]
+    fn a_bucket_loads_what_the_table_holds_once() {
+        let mut index = RunIndex::default();
+        let mut loads = 0;
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            index
+                .candidates(
+                    "ns",
+                    1,
+                    hash("b"),
+                    &mut |add: &mut dyn FnMut(u64, &str)| {
+                        loads += 1;
+                        for (seq, id) in [(10, "a"), (10, "b"), (9_000, "c")] {
+                            add(seq, id);
+                        }
+                        Ok::<_, ()>(())
+                    },
+                    &mut out,
+                )
+                .unwrap();
+            assert_eq!(out, vec![block(10)]);
+        }
+        assert_eq!(loads, 1);
+        assert!(index.has_room("ns", 1));
+        assert!(!index.has_room("ns", 2), "an unloaded bucket takes nothing");
+        index.forget("ns");
+        index
+            .candidates("ns", 1, hash("b"), &mut no_runs, &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+    }
+}
