@@ -1264,8 +1264,10 @@ impl Store {
                         contents.markers.push((bucket, id.to_owned(), seq, ms));
                     }
                 }
-                // One order whatever table a marker came from.
+                // One order whatever table a marker came from, one marker per id and bucket
+                // (an import keeps one), so a restored store exports the same markers.
                 contents.markers.sort_unstable();
+                contents.markers.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(err) => return Err(err.into()),
