@@ -2,9 +2,9 @@
 //!
 //! A batch writes the markers it applies in one publish-time bucket as one *run*: a single row
 //! keyed (bucket, stream sequence of the run's first marker), its markers sorted by id. Rows
-//! arrive in stream order, so writing them stays append-like whatever the ids look like (one
-//! B-tree insert per marker, keyed by id, scattered random ids over the whole table: a page
-//! copied and written per marker).
+//! arrive in stream order, so writing them stays append-like whatever the ids look like (with a
+//! row per marker keyed by id, random ids scatter a batch over the whole table: a page copied
+//! and written per marker).
 //!
 //! The index maps an id to the runs that may hold it: per namespace and bucket, an
 //! open-addressing table of 32-bit slots, each a 16-bit fingerprint of the id's hash and the low
@@ -27,7 +27,7 @@ use super::StoreError;
 pub(super) const BLOCK_BITS: u32 = 12;
 /// Ids a bucket indexes at most: a table of 2^20 slots (4 MiB) seven eighths full. Markers
 /// beyond it are written one row per id instead (the by-id table, behind its Bloom filter), so
-/// the index of a bucket never outgrows 4 MiB (a 1,000,000-event backlog stays under 128 MiB).
+/// the index of a bucket never outgrows 4 MiB whatever the backlog.
 #[cfg(not(test))]
 pub(super) const MAX_INDEXED: usize = 7 << 17;
 #[cfg(test)]
