@@ -647,7 +647,7 @@ impl Store {
                 let mut id_hash = 0;
                 if window > 0 {
                     let id = p.event.dedupe_id();
-                    id_hash = runs::hash(id);
+                    id_hash = runs::hash(id.as_bytes());
                     let mut seen = false;
                     for b in [bucket, bucket.saturating_sub(1), bucket + 1] {
                         if markers.seen(b, id, id_hash, p.publish_ms, window)? {
@@ -1088,7 +1088,7 @@ impl Markers<'_, '_> {
     ) -> Result<bool, StoreError> {
         let within = |ms: u64| publish_ms.abs_diff(ms) <= window;
         let runs = &*self.runs;
-        let mut load = |add: &mut dyn FnMut(u64, &str)| bucket_runs(runs, bucket, add);
+        let mut load = |add: &mut dyn FnMut(u64, &[u8])| bucket_runs(runs, bucket, add);
         // Most ids are new: the index says so without reading a run.
         self.index
             .candidates(self.namespace, bucket, h, &mut load, &mut self.blocks)?;
@@ -1104,7 +1104,8 @@ impl Markers<'_, '_> {
             let range = runs::block_range(block);
             for row in runs.range((bucket, range.start)..(bucket, range.end))? {
                 let (_, run) = row?;
-                if matches!(runs::Run::parse(run.value())?.find(id), Some((_, ms)) if within(ms)) {
+                let found = runs::Run::parse(run.value())?.find(id.as_bytes());
+                if matches!(found, Some((_, ms)) if within(ms)) {
                     return Ok(true);
                 }
             }
@@ -1147,11 +1148,11 @@ impl Markers<'_, '_> {
         };
         let (runs, pending) = (&*self.runs, &self.pending);
         // A rebuild reads the stored runs and this batch's.
-        let mut load = |add: &mut dyn FnMut(u64, &str)| {
+        let mut load = |add: &mut dyn FnMut(u64, &[u8])| {
             bucket_runs(runs, bucket, add)?;
             for (_, first, markers) in pending.iter().filter(|(b, ..)| *b == bucket) {
                 for (id, _, _) in markers {
-                    add(*first, id);
+                    add(*first, id.as_bytes());
                 }
             }
             Ok::<_, StoreError>(())
@@ -1165,8 +1166,9 @@ impl Markers<'_, '_> {
     fn write_runs(self) -> Result<(), StoreError> {
         for (bucket, first, mut markers) in self.pending {
             if let Some(stored) = self.runs.get((bucket, first))? {
-                let stored = runs::Run::parse(stored.value())?;
-                markers.extend(stored.iter().map(|(id, seq, ms)| (id.to_owned(), seq, ms)));
+                for (id, seq, ms) in runs::Run::parse(stored.value())?.iter() {
+                    markers.push((runs::text(id)?.to_owned(), seq, ms));
+                }
             }
             self.runs
                 .insert((bucket, first), runs::encode(&mut markers).as_slice())?;
@@ -1179,7 +1181,7 @@ impl Markers<'_, '_> {
 fn bucket_runs(
     runs: &RunsTable<'_>,
     bucket: u64,
-    add: &mut dyn FnMut(u64, &str),
+    add: &mut dyn FnMut(u64, &[u8]),
 ) -> Result<(), StoreError> {
     for row in runs.range((bucket, 0)..=(bucket, u64::MAX))? {
         let (key, run) = row?;
@@ -1261,7 +1263,9 @@ impl Store {
                     let (k, v) = entry?;
                     let (bucket, _) = k.value();
                     for (id, seq, ms) in runs::Run::parse(v.value())?.iter() {
-                        contents.markers.push((bucket, id.to_owned(), seq, ms));
+                        contents
+                            .markers
+                            .push((bucket, runs::text(id)?.to_owned(), seq, ms));
                     }
                 }
                 // One order whatever table a marker came from, one marker per id and bucket

@@ -39,8 +39,8 @@ const FIRST_SLOTS: usize = 1 << 12;
 #[cfg(test)]
 const FIRST_SLOTS: usize = 16;
 
-/// The hash an id is indexed by.
-pub(super) fn hash(id: &str) -> u64 {
+/// The hash an id (its UTF-8 bytes) is indexed by.
+pub(super) fn hash(id: &[u8]) -> u64 {
     foldhash::quality::FixedState::with_seed(0x7275_6e73_2d69_6478).hash_one(id)
 }
 
@@ -86,7 +86,8 @@ pub(super) struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Checks the layout of a stored run.
+    /// Checks the layout of a stored run (its offsets; ids are compared as bytes, and turned
+    /// into text by [`text`] where needed).
     pub(super) fn parse(bytes: &'a [u8]) -> Result<Run<'a>, StoreError> {
         let bad = || StoreError::Corrupted("a dedupe run has a broken layout".into());
         let n = bytes
@@ -104,10 +105,7 @@ impl<'a> Run<'a> {
         let mut start = 0;
         for i in 0..n {
             let end = run.end(i);
-            if end < start + 16
-                || end > entries.len()
-                || std::str::from_utf8(&entries[start + 16..end]).is_err()
-            {
+            if end < start + 16 || end > entries.len() {
                 return Err(bad());
             }
             start = end;
@@ -128,7 +126,7 @@ impl<'a> Run<'a> {
     }
 
     /// Entry `i`: (id, seq, publish ms). Offsets were checked by [`Run::parse`].
-    fn entry(&self, i: usize) -> (&'a str, u64, u64) {
+    fn entry(&self, i: usize) -> (&'a [u8], u64, u64) {
         let start = if i == 0 { 0 } else { self.end(i - 1) };
         let e = &self.entries[start..self.end(i)];
         let num = |at: usize| {
@@ -136,15 +134,11 @@ impl<'a> Run<'a> {
             b.copy_from_slice(&e[at..at + 8]);
             u64::from_le_bytes(b)
         };
-        (
-            std::str::from_utf8(&e[16..]).unwrap_or_default(),
-            num(0),
-            num(8),
-        )
+        (&e[16..], num(0), num(8))
     }
 
     /// The marker of `id`: (seq, publish ms).
-    pub(super) fn find(&self, id: &str) -> Option<(u64, u64)> {
+    pub(super) fn find(&self, id: &[u8]) -> Option<(u64, u64)> {
         let (mut lo, mut hi) = (0, self.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
@@ -159,9 +153,15 @@ impl<'a> Run<'a> {
     }
 
     /// Every marker, in id order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&'a str, u64, u64)> + '_ {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&'a [u8], u64, u64)> + '_ {
         (0..self.len()).map(|i| self.entry(i))
     }
+}
+
+/// A run's id as text (ids are written from `&str`, so only damage fails).
+pub(super) fn text(id: &[u8]) -> Result<&str, StoreError> {
+    std::str::from_utf8(id)
+        .map_err(|_| StoreError::Corrupted("a dedupe run holds an id that is not UTF-8".into()))
 }
 
 /// The run index of every namespace of one store.
@@ -260,7 +260,7 @@ impl Bucket {
 }
 
 /// Reads a bucket's markers: calls its argument with each marker's run's first sequence and id.
-pub(super) type Load<'l, E> = &'l mut dyn FnMut(&mut dyn FnMut(u64, &str)) -> Result<(), E>;
+pub(super) type Load<'l, E> = &'l mut dyn FnMut(&mut dyn FnMut(u64, &[u8])) -> Result<(), E>;
 
 impl RunIndex {
     /// The blocks of `bucket` whose runs may hold the id of hash `h`, into `out` (none is
@@ -368,7 +368,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn no_runs(_: &mut dyn FnMut(u64, &str)) -> Result<(), ()> {
+    fn no_runs(_: &mut dyn FnMut(u64, &[u8])) -> Result<(), ()> {
         Ok(())
     }
 
@@ -380,12 +380,12 @@ mod tests {
         fn insert(&mut self, index: &mut RunIndex, bucket: u64, id: &str, first_seq: u64) {
             self.0.push((first_seq, id.to_owned()));
             let rows = &self.0;
-            let mut load = |add: &mut dyn FnMut(u64, &str)| {
-                rows.iter().for_each(|(seq, id)| add(*seq, id));
+            let mut load = |add: &mut dyn FnMut(u64, &[u8])| {
+                rows.iter().for_each(|(seq, id)| add(*seq, id.as_bytes()));
                 Ok::<_, ()>(())
             };
             index
-                .insert("ns", bucket, hash(id), first_seq, &mut load)
+                .insert("ns", bucket, hash(id.as_bytes()), first_seq, &mut load)
                 .unwrap();
         }
     }
@@ -406,12 +406,12 @@ mod tests {
             let bytes = encode(&mut markers);
             let run = Run::parse(&bytes).unwrap();
             for (id, seq, ms) in &expected {
-                prop_assert_eq!(run.find(id), Some((*seq, *ms)));
+                prop_assert_eq!(run.find(id.as_bytes()), Some((*seq, *ms)));
             }
             if !ids.contains(&probe) {
-                prop_assert_eq!(run.find(&probe), None);
+                prop_assert_eq!(run.find(probe.as_bytes()), None);
             }
-            let listed: Vec<_> = run.iter().map(|(id, _, _)| id.to_owned()).collect();
+            let listed: Vec<_> = run.iter().map(|(id, _, _)| text(id).unwrap().to_owned()).collect();
             let mut sorted: Vec<_> = ids.iter().cloned().collect();
             sorted.sort();
             prop_assert_eq!(listed, sorted);
@@ -430,9 +430,23 @@ mod tests {
             if let Ok(run) = Run::parse(&bytes) {
                 for (id, _, _) in run.iter() {
                     let _ = run.find(id);
+                    let _ = text(id);
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_id_that_is_not_utf8_reads_as_bytes_and_fails_as_text() {
+        let mut markers: Vec<Marker> = vec![("ab".into(), 1, 10), ("cd".into(), 2, 20)];
+        let mut bytes = encode(&mut markers);
+        let last = bytes.len() - 1;
+        bytes[last] = 0xff;
+        let run = Run::parse(&bytes).unwrap();
+        assert_eq!(run.find(b"c\xff"), Some((2, 20)));
+        let ids: Vec<_> = run.iter().map(|(id, _, _)| text(id).is_ok()).collect();
+        assert_eq!(ids, vec![true, false]);
+        assert!(matches!(text(b"c\xff"), Err(StoreError::Corrupted(_))));
     }
 
     #[test]
@@ -441,7 +455,7 @@ mod tests {
         let mut rows = Rows::default();
         let mut out = Vec::new();
         index
-            .candidates("ns", 7, hash("x"), &mut no_runs, &mut out)
+            .candidates("ns", 7, hash(b"x"), &mut no_runs, &mut out)
             .unwrap();
         assert!(out.is_empty());
         for i in 0..100_000u64 {
@@ -449,14 +463,26 @@ mod tests {
         }
         for i in 0..100_000u64 {
             index
-                .candidates("ns", 7, hash(&format!("id-{i}")), &mut no_runs, &mut out)
+                .candidates(
+                    "ns",
+                    7,
+                    hash(format!("id-{i}").as_bytes()),
+                    &mut no_runs,
+                    &mut out,
+                )
                 .unwrap();
             assert!(out.contains(&block(1_000_000 + i)), "id-{i}: {out:?}");
         }
         let false_candidates: usize = (0..100_000)
             .map(|i| {
                 index
-                    .candidates("ns", 7, hash(&format!("other-{i}")), &mut no_runs, &mut out)
+                    .candidates(
+                        "ns",
+                        7,
+                        hash(format!("other-{i}").as_bytes()),
+                        &mut no_runs,
+                        &mut out,
+                    )
                     .unwrap();
                 out.len()
             })
@@ -469,12 +495,12 @@ mod tests {
         );
         let mut other = Vec::new();
         index
-            .candidates("ns", 8, hash("id-1"), &mut no_runs, &mut other)
+            .candidates("ns", 8, hash(b"id-1"), &mut no_runs, &mut other)
             .unwrap();
         assert!(other.is_empty(), "another bucket knows nothing of these");
         index.expire("ns", 8);
         index
-            .candidates("ns", 7, hash("id-1"), &mut no_runs, &mut out)
+            .candidates("ns", 7, hash(b"id-1"), &mut no_runs, &mut out)
             .unwrap();
         assert!(
             out.is_empty(),
@@ -489,7 +515,7 @@ mod tests {
         index
             .candidates("ns", 1, 0, &mut no_runs, &mut out)
             .unwrap();
-        let h = hash("same");
+        let h = hash(b"same");
         // The same low 16 bits of the block, 65,536 blocks apart.
         let mut rows = Rows::default();
         rows.insert(&mut index, 1, "same", 5 << BLOCK_BITS);
@@ -510,11 +536,11 @@ mod tests {
                 .candidates(
                     "ns",
                     1,
-                    hash("b"),
-                    &mut |add: &mut dyn FnMut(u64, &str)| {
+                    hash(b"b"),
+                    &mut |add: &mut dyn FnMut(u64, &[u8])| {
                         loads += 1;
                         for (seq, id) in [(10, "a"), (10, "b"), (9_000, "c")] {
-                            add(seq, id);
+                            add(seq, id.as_bytes());
                         }
                         Ok::<_, ()>(())
                     },
@@ -528,7 +554,7 @@ mod tests {
         assert!(!index.has_room("ns", 2), "an unloaded bucket takes nothing");
         index.forget("ns");
         index
-            .candidates("ns", 1, hash("b"), &mut no_runs, &mut out)
+            .candidates("ns", 1, hash(b"b"), &mut no_runs, &mut out)
             .unwrap();
         assert!(out.is_empty());
     }

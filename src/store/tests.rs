@@ -92,7 +92,7 @@ fn dedupe_markers_survive_a_reopen_and_an_import() {
 
 /// An id of the UUIDv4 kind: ids in no particular order.
 fn random_id(i: u64) -> String {
-    format!("{:016x}-{i}", runs::hash(&i.to_string()))
+    format!("{:016x}-{i}", runs::hash(i.to_string().as_bytes()))
 }
 
 /// Rows of the runs table and of the by-id marker table.
