@@ -590,7 +590,8 @@ impl Store {
                 .collect();
             let floor = checkpoint.acked_floor;
 
-            let mut working: HashMap<String, Working> = HashMap::default();
+            let mut working: HashMap<String, Working> =
+                HashMap::with_capacity_and_hasher(items.len(), Default::default());
             let mut applied_count = 0u64;
             let needs_state = spec.reducer.needs_state();
             let infallible = spec.reducer.infallible();
@@ -607,7 +608,17 @@ impl Store {
                     .collect::<Result<_, _>>()?,
                 _ => HashSet::new(),
             };
-            for item in items {
+            // The next event's id hash is computed one event ahead, and its index slot
+            // prefetched while this event is folded.
+            let mut items = items.into_iter().peekable();
+            let mut next_hash = None;
+            while let Some(item) = items.next() {
+                let this_hash = next_hash.take();
+                if let (true, Some(Item::Event(next))) = (window > 0, items.peek()) {
+                    let h = runs::hash(next.event.dedupe_id().as_bytes());
+                    markers.prefetch(next.publish_ms / window, h);
+                    next_hash = Some(h);
+                }
                 // At or below the ack floor: processed and acked before (a replay through a
                 // re-created durable). An explicit backfill goes through the key guards only.
                 if below_floor == BelowFloor::Skip && item.seq() <= floor {
@@ -647,7 +658,7 @@ impl Store {
                 let mut id_hash = 0;
                 if window > 0 {
                     let id = p.event.dedupe_id();
-                    id_hash = runs::hash(id.as_bytes());
+                    id_hash = this_hash.unwrap_or_else(|| runs::hash(id.as_bytes()));
                     let mut seen = false;
                     for b in [bucket, bucket.saturating_sub(1), bucket + 1] {
                         if markers.seen(b, id, id_hash, p.publish_ms, window)? {
@@ -1118,6 +1129,11 @@ impl Markers<'_, '_> {
             }
         }
         Ok(false)
+    }
+
+    /// Starts fetching the index slot a lookup of hash `h` in `bucket` reads first.
+    fn prefetch(&self, bucket: u64, h: u64) {
+        self.index.prefetch(self.namespace, bucket, h);
     }
 
     /// Records the marker of an applied event: in this batch's run of its bucket, or one row by
