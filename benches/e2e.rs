@@ -196,15 +196,32 @@ async fn kv_ceiling(js: &jetstream::Context, keys: usize) -> f64 {
     while done < keys {
         while in_flight.len() < 256 && next < keys {
             let (store, value) = (store.clone(), value.clone());
-            in_flight.push(async move { store.update(format!("k{next}"), value, 0).await });
+            in_flight.push(async move { create(&store, format!("k{next}"), value).await });
             next += 1;
         }
-        in_flight.next().await.unwrap().unwrap();
+        in_flight.next().await;
         done += 1;
     }
     let rate = keys as f64 / started.elapsed().as_secs_f64();
     let _ = js.delete_key_value(&bucket).await;
     rate
+}
+
+/// Creates `key` with compare-and-set (revision 0), retrying a timed-out request: the machine
+/// stalls now and then, and a full run must not die of it (a retry that finds the key there
+/// means the timed-out write landed).
+async fn create(store: &kv::Store, key: String, value: bytes::Bytes) {
+    use async_nats::jetstream::kv::UpdateErrorKind;
+    for attempt in 0..3 {
+        match store.update(key.as_str(), value.clone(), 0).await {
+            Ok(_) => return,
+            Err(err) if err.kind() == UpdateErrorKind::TimedOut && attempt < 2 => {
+                eprintln!("KV ceiling: a write timed out; retrying");
+            }
+            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision && attempt > 0 => return,
+            Err(err) => panic!("KV ceiling write of {key}: {err}"),
+        }
+    }
 }
 
 /// The naive peer: fetch a batch of 1,000, write every event to redb in one durable
