@@ -444,7 +444,8 @@ mod tests {
             if !ids.contains(&probe) {
                 prop_assert_eq!(run.find(probe.as_bytes()), None);
             }
-            let listed: Vec<_> = run.iter().map(|(id, _, _)| text(id).unwrap().to_owned()).collect();
+            let listed: Vec<_> =
+                run.iter().map(|(id, _, _)| text(id).unwrap().to_owned()).collect();
             let mut sorted: Vec<_> = ids.iter().cloned().collect();
             sorted.sort();
             prop_assert_eq!(listed, sorted);
