@@ -225,7 +225,7 @@ async fn markers_before(
             };
             if let Ok(prepared) = spec.prepare(&view) {
                 markers.push((
-                    m.publish_ms / window,
+                    crate::store::dedupe_bucket(m.publish_ms, window),
                     prepared.event.dedupe_id().to_owned(),
                     m.seq,
                     m.publish_ms,

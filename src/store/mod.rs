@@ -614,9 +614,9 @@ impl Store {
             let mut next_hash = None;
             while let Some(item) = items.next() {
                 let this_hash = next_hash.take();
-                if let (true, Some(Item::Event(next))) = (window > 0, items.peek()) {
+                if let Some(Item::Event(next)) = items.peek().filter(|_| window > 0) {
                     let h = runs::hash(next.event.dedupe_id().as_bytes());
-                    markers.prefetch(next.publish_ms / window, h);
+                    markers.prefetch(dedupe_bucket(next.publish_ms, window), h);
                     next_hash = Some(h);
                 }
                 // At or below the ack floor: processed and acked before (a replay through a
@@ -654,7 +654,7 @@ impl Store {
                     applied.outcomes.push(Outcome::Duplicate);
                     continue;
                 }
-                let bucket = p.publish_ms.checked_div(window).unwrap_or(0);
+                let bucket = dedupe_bucket(p.publish_ms, window);
                 let mut id_hash = 0;
                 if window > 0 {
                     let id = p.event.dedupe_id();
@@ -1008,6 +1008,12 @@ fn guard<T>(call: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreErro
             panic_message(&panic)
         ))),
     }
+}
+
+/// The publish-time bucket of the dedupe markers of an event published at `publish_ms`
+/// (0 without a window).
+pub fn dedupe_bucket(publish_ms: u64, window_ms: u64) -> u64 {
+    publish_ms.checked_div(window_ms).unwrap_or(0)
 }
 
 /// The text of a caught panic.
