@@ -824,10 +824,8 @@ impl Store {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
-        let table = match txn.open_table(tables.records()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(err) => return Err(err.into()),
+        let Some(table) = open_existing(&txn, tables.records())? else {
+            return Ok(None);
         };
         table
             .get(key)?
@@ -838,19 +836,7 @@ impl Store {
     /// Every record of a namespace, in key order.
     fn records_unguarded(&self, namespace: &str) -> Result<Vec<(String, Record)>, StoreError> {
         let db = self.db()?;
-        let tables = Tables::new(namespace);
-        let txn = db.begin_read()?;
-        let table = match txn.open_table(tables.records()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(err) => return Err(err.into()),
-        };
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (k, v) = entry?;
-            out.push((k.value().to_owned(), decode::<Record>(v.value())?));
-        }
-        Ok(out)
+        records_in(&db.begin_read()?, &Tables::new(namespace))
     }
 
     /// The keys whose KV copy is behind, with their records (for the startup flush).
@@ -858,10 +844,8 @@ impl Store {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
-        let outbox = match txn.open_table(tables.outbox()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(err) => return Err(err.into()),
+        let Some(outbox) = open_existing(&txn, tables.outbox())? else {
+            return Ok(Vec::new());
         };
         let records = txn.open_table(tables.records())?;
         let mut out = Vec::new();
@@ -880,10 +864,9 @@ impl Store {
         let db = self.db()?;
         let tables = Tables::new(namespace);
         let txn = db.begin_read()?;
-        match txn.open_table(tables.outbox()) {
-            Ok(table) => Ok(table.len()?),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(err) => Err(err.into()),
+        match open_existing(&txn, tables.outbox())? {
+            Some(table) => Ok(table.len()?),
+            None => Ok(0),
         }
     }
 
@@ -901,20 +884,52 @@ impl Store {
     /// The dead letters a namespace published, by stream sequence.
     fn dead_letters_unguarded(&self, namespace: &str) -> Result<Vec<(u64, DeadNote)>, StoreError> {
         let db = self.db()?;
-        let tables = Tables::new(namespace);
-        let txn = db.begin_read()?;
-        let table = match txn.open_table(tables.dead()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(err) => return Err(err.into()),
-        };
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (k, v) = entry?;
-            out.push((k.value(), decode::<DeadNote>(v.value())?));
-        }
-        Ok(out)
+        dead_letters_in(&db.begin_read()?, &Tables::new(namespace))
     }
+}
+
+/// `definition` opened for reading; `None` if no write transaction ever created it.
+fn open_existing<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    definition: TableDefinition<'_, K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, StoreError> {
+    match txn.open_table(definition) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Every record of a namespace, in key order.
+fn records_in(
+    txn: &redb::ReadTransaction,
+    tables: &Tables,
+) -> Result<Vec<(String, Record)>, StoreError> {
+    let Some(table) = open_existing(txn, tables.records())? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        out.push((k.value().to_owned(), decode::<Record>(v.value())?));
+    }
+    Ok(out)
+}
+
+/// The dead letters of a namespace, by stream sequence.
+fn dead_letters_in(
+    txn: &redb::ReadTransaction,
+    tables: &Tables,
+) -> Result<Vec<(u64, DeadNote)>, StoreError> {
+    let Some(table) = open_existing(txn, tables.dead())? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        out.push((k.value(), decode::<DeadNote>(v.value())?));
+    }
+    Ok(out)
 }
 
 /// The public surface of the store: every call is guarded, so that a panic inside redb on a
@@ -1256,60 +1271,30 @@ impl Store {
         if let Some(v) = meta.get(tables.checkpoint_key.as_str())? {
             contents.checkpoint = decode(v.value())?;
         }
-        match txn.open_table(tables.records()) {
-            Ok(table) => {
-                for entry in table.iter()? {
-                    let (k, v) = entry?;
+        contents.records = records_in(&txn, &tables)?;
+        if let Some(table) = open_existing(&txn, tables.dedupe())? {
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                let ((bucket, id), (seq, ms)) = (k.value(), v.value());
+                contents.markers.push((bucket, id.to_owned(), seq, ms));
+            }
+        }
+        if let Some(table) = open_existing(&txn, tables.runs())? {
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                let (bucket, _) = k.value();
+                for (id, seq, ms) in runs::Run::parse(v.value())?.iter() {
                     contents
-                        .records
-                        .push((k.value().to_owned(), decode::<Record>(v.value())?));
+                        .markers
+                        .push((bucket, runs::text(id)?.to_owned(), seq, ms));
                 }
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(err) => return Err(err.into()),
+            // One order whatever table a marker came from, one marker per id and bucket
+            // (an import keeps one), so a restored store exports the same markers.
+            contents.markers.sort_unstable();
+            contents.markers.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
         }
-        match txn.open_table(tables.dedupe()) {
-            Ok(table) => {
-                for entry in table.iter()? {
-                    let (k, v) = entry?;
-                    let ((bucket, id), (seq, ms)) = (k.value(), v.value());
-                    contents.markers.push((bucket, id.to_owned(), seq, ms));
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(err) => return Err(err.into()),
-        }
-        match txn.open_table(tables.runs()) {
-            Ok(table) => {
-                for entry in table.iter()? {
-                    let (k, v) = entry?;
-                    let (bucket, _) = k.value();
-                    for (id, seq, ms) in runs::Run::parse(v.value())?.iter() {
-                        contents
-                            .markers
-                            .push((bucket, runs::text(id)?.to_owned(), seq, ms));
-                    }
-                }
-                // One order whatever table a marker came from, one marker per id and bucket
-                // (an import keeps one), so a restored store exports the same markers.
-                contents.markers.sort_unstable();
-                contents.markers.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(err) => return Err(err.into()),
-        }
-        match txn.open_table(tables.dead()) {
-            Ok(table) => {
-                for entry in table.iter()? {
-                    let (k, v) = entry?;
-                    contents
-                        .dead
-                        .push((k.value(), decode::<DeadNote>(v.value())?));
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(err) => return Err(err.into()),
-        }
+        contents.dead = dead_letters_in(&txn, &tables)?;
         Ok(contents)
     }
 
