@@ -29,8 +29,9 @@ struct Options {
     steady_secs: u64,
     steady_rate: u64,
     out: String,
-    /// Runs only the catch-ups whose label (`latest/10000`, `store-only`) contains this, and
-    /// skips the ceilings and the steady run (for profiling one case).
+    /// Runs only the catch-ups whose label (`latest/10000`, `store-only`) contains this (ends
+    /// with it, given a trailing `$`: `latest/100$`), and skips the ceilings and the steady run
+    /// (for profiling one case).
     only: Option<String>,
     /// Measures the ceilings even with `--only` (for ratios).
     with_ceilings: bool,
@@ -691,7 +692,10 @@ async fn main() {
     let wanted = |label: &str| {
         o.only
             .as_ref()
-            .is_none_or(|only| label.contains(only.as_str()))
+            .is_none_or(|only| match only.strip_suffix('$') {
+                Some(end) => label.ends_with(end),
+                None => label.contains(only.as_str()),
+            })
     };
     let ceilings = if o.only.is_some() && !o.with_ceilings {
         0
