@@ -88,6 +88,17 @@ fn load(arg: &ConfigArg, reducers: &Reducers) -> Result<(Config, Vec<Arc<Spec>>)
     Ok((config, specs))
 }
 
+/// The configuration and its projection named `name`.
+fn load_projection(
+    arg: &ConfigArg,
+    reducers: &Reducers,
+    name: &str,
+) -> Result<(Config, Arc<Spec>), Exit> {
+    let (config, specs) = load(arg, reducers)?;
+    let spec = spec_named(&specs, name)?.clone();
+    Ok((config, spec))
+}
+
 fn spec_named<'a>(specs: &'a [Arc<Spec>], name: &str) -> Result<&'a Arc<Spec>, Exit> {
     specs.iter().find(|s| s.name() == name).ok_or_else(|| {
         let names: Vec<&str> = specs.iter().map(|s| s.name()).collect();
@@ -185,12 +196,8 @@ fn access(config: &Config) -> Result<Access, Exit> {
 }
 
 async fn get(arg: &ConfigArg, reducers: &Reducers, projection: &str, key: &str) -> Exit {
-    let (config, specs) = match load(arg, reducers) {
+    let (config, spec) = match load_projection(arg, reducers, projection) {
         Ok(loaded) => loaded,
-        Err(exit) => return exit,
-    };
-    let spec = match spec_named(&specs, projection) {
-        Ok(spec) => spec.clone(),
         Err(exit) => return exit,
     };
     let found = match access(&config) {
@@ -375,12 +382,8 @@ async fn offline_status(
 }
 
 async fn verify(arg: &ConfigArg, reducers: &Reducers, projection: &str, json: bool) -> Exit {
-    let (config, specs) = match load(arg, reducers) {
+    let (config, spec) = match load_projection(arg, reducers, projection) {
         Ok(loaded) => loaded,
-        Err(exit) => return exit,
-    };
-    let spec = match spec_named(&specs, projection) {
-        Ok(spec) => spec.clone(),
         Err(exit) => return exit,
     };
     let report = match access(&config) {
@@ -541,12 +544,8 @@ async fn publish_jsonl(url: &str, stream: Option<String>, file: &Path) -> Exit {
 }
 
 async fn kv_dump(arg: &ConfigArg, reducers: &Reducers, projection: &str) -> Exit {
-    let (config, specs) = match load(arg, reducers) {
+    let (config, spec) = match load_projection(arg, reducers, projection) {
         Ok(loaded) => loaded,
-        Err(exit) => return exit,
-    };
-    let spec = match spec_named(&specs, projection) {
-        Ok(spec) => spec.clone(),
         Err(exit) => return exit,
     };
     let Some(bucket) = spec.kv_bucket() else {
@@ -638,12 +637,8 @@ async fn snapshot_create(
     out: Option<std::path::PathBuf>,
     object_store: Option<String>,
 ) -> Exit {
-    let (config, specs) = match load(arg, reducers) {
+    let (config, spec) = match load_projection(arg, reducers, projection) {
         Ok(loaded) => loaded,
-        Err(exit) => return exit,
-    };
-    let spec = match spec_named(&specs, projection) {
-        Ok(spec) => spec.clone(),
         Err(exit) => return exit,
     };
     let mut created = match access(&config) {
@@ -836,12 +831,8 @@ async fn replay(
     range: crate::replay::Range,
     dry_run: bool,
 ) -> Exit {
-    let (config, specs) = match load(arg, reducers) {
+    let (config, spec) = match load_projection(arg, reducers, projection) {
         Ok(loaded) => loaded,
-        Err(exit) => return exit,
-    };
-    let spec = match spec_named(&specs, projection) {
-        Ok(spec) => spec.clone(),
         Err(exit) => return exit,
     };
     let store = match access(&config) {
@@ -1001,12 +992,8 @@ async fn rebuild(
     from_snapshot: Option<std::path::PathBuf>,
     promote: bool,
 ) -> Exit {
-    let (config, specs) = match load(arg, &reducers) {
+    let (config, spec) = match load_projection(arg, &reducers, projection) {
         Ok(loaded) => loaded,
-        Err(exit) => return exit,
-    };
-    let spec = match spec_named(&specs, projection) {
-        Ok(spec) => spec.clone(),
         Err(exit) => return exit,
     };
     let version = spec.config.version;
