@@ -67,6 +67,11 @@ impl AppState {
     }
 }
 
+/// The 404 of a request naming a projection that does not run here.
+fn no_projection(name: &str) -> Response {
+    (StatusCode::NOT_FOUND, format!("no projection {name:?}\n")).into_response()
+}
+
 /// The router.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -159,11 +164,7 @@ struct GetQuery {
 
 async fn get_record(State(state): State<AppState>, Query(q): Query<GetQuery>) -> Response {
     let Some(p) = state.projection(&q.projection, q.version) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no projection {:?}\n", q.projection),
-        )
-            .into_response();
+        return no_projection(&q.projection);
     };
     let (store, spec, key) = (state.store.clone(), p.spec.clone(), q.key);
     let found =
@@ -186,11 +187,7 @@ struct ProjectionQuery {
 
 async fn verify(State(state): State<AppState>, Query(q): Query<ProjectionQuery>) -> Response {
     let Some(p) = state.projection(&q.projection, q.version) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no projection {:?}\n", q.projection),
-        )
-            .into_response();
+        return no_projection(&q.projection);
     };
     let Some(js) = &state.js else {
         return (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response();
@@ -211,11 +208,7 @@ struct SnapshotQuery {
 
 async fn snapshot(State(state): State<AppState>, Query(q): Query<SnapshotQuery>) -> Response {
     let Some(p) = state.projection(&q.projection, q.version) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no projection {:?}\n", q.projection),
-        )
-            .into_response();
+        return no_projection(&q.projection);
     };
     let (store, spec, dir) = (
         state.store.clone(),
@@ -260,11 +253,7 @@ struct ReplayQuery {
 
 async fn replay(State(state): State<AppState>, Query(q): Query<ReplayQuery>) -> Response {
     let Some(p) = state.projection(&q.projection, q.version) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no projection {:?}\n", q.projection),
-        )
-            .into_response();
+        return no_projection(&q.projection);
     };
     let Some(js) = &state.js else {
         return (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response();
