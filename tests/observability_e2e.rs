@@ -57,6 +57,22 @@ async fn metrics_pass_promtool_and_readyz_follows_catch_up() {
     )
     .await;
     assert_eq!(http_get(port, "/livez").await.map(|r| r.0), Some(200));
+    // The admin endpoints name what they cannot find.
+    for path in [
+        "/admin/get?projection=nope&key=a",
+        "/admin/verify?projection=nope",
+        "/admin/replay?projection=nope&dry_run=true",
+    ] {
+        assert_eq!(
+            http_get(port, path).await,
+            Some((404, "no projection \"nope\"\n".to_owned())),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        http_get(port, "/admin/get?projection=orders&key=no-such-key").await,
+        Some((404, "no such key\n".to_owned()))
+    );
     let lag = metric(port, "projector_lag_messages", &[("projection", "orders")]).await;
     assert_eq!(lag, Some(0.0));
     assert_eq!(
