@@ -399,12 +399,19 @@ pub enum Fetched {
     Shutdown,
 }
 
+/// Batches a pull request asks for (fewer if `max_ack_pending` is lower).
+const PULL_AHEAD: usize = 4;
+
 /// Turns the consumer's message stream into batches bounded by count and bytes.
 pub struct Source {
     consumer: PullConsumer,
     messages: Option<pull::Stream>,
     batch: usize,
     batch_bytes: usize,
+    /// Messages asked for per pull request: several batches, so that the server keeps
+    /// delivering while a batch is applied (nothing polls the subscription meanwhile, and the
+    /// client asks for more only when polled).
+    pull: usize,
     idle: Duration,
     /// Incremented each time the message stream had to be re-created (missed heartbeats, a
     /// deleted or moved consumer, a stall).
@@ -413,13 +420,21 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source over `consumer`.
+    /// A source over `consumer`, in batches of `batch` messages and `batch_bytes` at most.
     pub fn new(consumer: PullConsumer, batch: usize, batch_bytes: usize, idle: Duration) -> Source {
+        let max_ack_pending = usize::try_from(consumer.cached_info().config.max_ack_pending)
+            .ok()
+            .filter(|&m| m > 0)
+            .unwrap_or(usize::MAX);
         Source {
             consumer,
             messages: None,
             batch,
             batch_bytes,
+            pull: batch
+                .saturating_mul(PULL_AHEAD)
+                .min(max_ack_pending)
+                .max(batch),
             idle,
             rebinds: 0,
             rebound: true,
@@ -451,8 +466,8 @@ impl Source {
             let stream = self
                 .consumer
                 .stream()
-                .max_messages_per_batch(self.batch)
-                .max_bytes_per_batch(self.batch_bytes)
+                .max_messages_per_batch(self.pull)
+                .max_bytes_per_batch(self.batch_bytes.saturating_mul(PULL_AHEAD))
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(30))
                 .messages()
