@@ -180,9 +180,10 @@ impl Effects {
     }
 
     /// Whether catch-up groups over a projection of `keys` keys coalesce: fewer keys than a
-    /// group gathers messages. Such groups gather (see [`sink`]) and get twice the KV budget.
+    /// group gathers messages. Such groups gather (see [`sink`]) and get the larger KV budget.
+    /// Without KV there is nothing to coalesce: groups do not wait, acks flow per batch.
     fn coalesces(&self, keys: u64) -> bool {
-        keys < self.group_target() as u64
+        self.spec.config.kv_bucket.is_some() && keys < self.group_target() as u64
     }
 
     fn release_kv(&self, bytes: usize) {
