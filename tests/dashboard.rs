@@ -85,6 +85,7 @@ fn the_dashboard_shows_what_an_operator_needs() {
         "projector_kv_outbox_keys",
         "projector_kv_writes_total",
         "projector_store_bytes",
+        "projector_store_commit_seconds",
         "projector_last_applied_stream_sequence",
         "projector_stream_last_sequence",
     ] {

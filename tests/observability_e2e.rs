@@ -73,6 +73,25 @@ async fn metrics_pass_promtool_and_readyz_follows_catch_up() {
         http_get(port, "/admin/get?projection=orders&key=no-such-key").await,
         Some((404, "no such key\n".to_owned()))
     );
+    // Every applied batch was a durable commit, and its time was observed.
+    let commits = metric(
+        port,
+        "projector_store_commit_seconds_count",
+        &[("projection", "orders")],
+    )
+    .await
+    .unwrap_or(0.0);
+    let batches = metric(
+        port,
+        "projector_batch_size_count",
+        &[("projection", "orders")],
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(
+        commits >= 1.0 && commits >= batches,
+        "{commits} commits, {batches} batches"
+    );
     let lag = metric(port, "projector_lag_messages", &[("projection", "orders")]).await;
     assert_eq!(lag, Some(0.0));
     assert_eq!(

@@ -28,7 +28,7 @@ pub const OUTCOMES: [&str; 5] = [
 pub const KV_RESULTS: [&str; 4] = ["ok", "cas_conflict", "superseded", "error"];
 
 /// Every metric family name this process exports (the dashboard test checks against it).
-pub const METRIC_NAMES: [&str; 19] = [
+pub const METRIC_NAMES: [&str; 20] = [
     "projector_events_total",
     "projector_build_info",
     "projector_last_applied_stream_sequence",
@@ -43,6 +43,7 @@ pub const METRIC_NAMES: [&str; 19] = [
     "projector_gaps_detected_total",
     "projector_dead_letters_total",
     "projector_batch_size",
+    "projector_store_commit_seconds",
     "projector_watchdog_rebinds_total",
     "projector_consumer_pending",
     "projector_consumer_ack_pending",
@@ -64,6 +65,7 @@ pub struct Metrics {
     kv_writes: IntCounterVec,
     batch_duration: HistogramVec,
     batch_size: HistogramVec,
+    store_commit: HistogramVec,
     ready: IntGaugeVec,
     gaps: IntCounterVec,
     dead_letters: IntCounterVec,
@@ -191,6 +193,14 @@ impl Metrics {
                     10000.0,
                 ],
             ),
+            store_commit: histogram(
+                "projector_store_commit_seconds",
+                "Time of a batch's durable redb commit (page writes and fsync).",
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
+                ],
+            ),
             ready: gauge(
                 "projector_ready",
                 "1 when bound, caught up within the ready lag and without gap.",
@@ -256,6 +266,7 @@ impl Metrics {
             kv_outbox: self.kv_outbox.with_label_values(&l),
             batch_duration: self.batch_duration.with_label_values(&l),
             batch_size: self.batch_size.with_label_values(&l),
+            store_commit: self.store_commit.with_label_values(&l),
             ready: self.ready.with_label_values(&l),
             gaps: self.gaps.with_label_values(&l),
             rebinds: self.rebinds.with_label_values(&l),
@@ -312,6 +323,7 @@ pub struct ProjectionMetrics {
     pub kv_outbox: IntGauge,
     pub batch_duration: Histogram,
     pub batch_size: Histogram,
+    pub store_commit: Histogram,
     pub ready: IntGauge,
     pub gaps: IntCounter,
     pub rebinds: IntCounter,
@@ -349,6 +361,7 @@ mod tests {
         p.lag_seconds.set(1.5);
         p.batch_duration.observe(0.01);
         p.batch_size.observe(10.0);
+        p.store_commit.observe(0.001);
         p.dead_letter(ErrorCode::InvalidJson);
         let text = metrics.render();
         for name in METRIC_NAMES {

@@ -853,6 +853,9 @@ impl Pipeline {
             }
         };
         crash::point(crash::AFTER_COMMIT);
+        self.metrics
+            .store_commit
+            .observe(applied.commit_time.as_secs_f64());
 
         if let Some(described) = &described {
             for ((m, outcome), log) in messages.iter().zip(&applied.outcomes).zip(described) {
