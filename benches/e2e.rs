@@ -442,14 +442,18 @@ async fn catchup(
     let busy = common::metric(port, "projector_batch_duration_seconds_sum", &labels)
         .await
         .unwrap_or(0.0);
+    let committing = common::metric(port, "projector_store_commit_seconds_sum", &labels)
+        .await
+        .unwrap_or(0.0);
     eprintln!(
         "  {stream} {reducer} kv={}: {:.0} ev/s, {batches:.0} batches, mean {:.0} messages, \
-         mean {:.2} ms fetch-to-ack, CPU per event {projector_cpu_us:.1} us projector + \
-         {server_cpu_us:.1} us nats-server",
+         mean {:.2} ms fetch-to-ack, commits {:.0}% of the time, CPU per event \
+         {projector_cpu_us:.1} us projector + {server_cpu_us:.1} us nats-server",
         kv_bucket.is_some(),
         events as f64 / elapsed,
         batched / batches.max(1.0),
-        busy * 1000.0 / batches.max(1.0)
+        busy * 1000.0 / batches.max(1.0),
+        100.0 * committing / elapsed
     );
     if let Some(keep) = keep_log {
         let _ = std::fs::copy(&log, format!("{keep}.{stream}.{reducer}.{}", now_us()));
