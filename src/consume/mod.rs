@@ -412,6 +412,10 @@ pub struct Source {
     /// delivering while a batch is applied (nothing polls the subscription meanwhile, and the
     /// client asks for more only when polled).
     pull: usize,
+    /// Messages taken while the previous batch was applied ([`Source::gather`]), in delivery
+    /// order: the start of the next batch.
+    ahead: Vec<Incoming>,
+    ahead_bytes: usize,
     idle: Duration,
     /// Incremented each time the message stream had to be re-created (missed heartbeats, a
     /// deleted or moved consumer, a stall).
@@ -435,6 +439,8 @@ impl Source {
                 .saturating_mul(PULL_AHEAD)
                 .min(max_ack_pending)
                 .max(batch),
+            ahead: Vec::new(),
+            ahead_bytes: 0,
             idle,
             rebinds: 0,
             rebound: true,
@@ -451,6 +457,10 @@ impl Source {
     /// pipeline must recover the unacked range before fetching again ([`Source::rebound`]).
     pub fn rebind(&mut self) {
         self.messages = None;
+        // Unacked like the rest of the subscription's messages: read back in order by the
+        // recovery that follows a re-bind.
+        self.ahead.clear();
+        self.ahead_bytes = 0;
         self.rebinds += 1;
         self.rebound = true;
     }
@@ -481,52 +491,92 @@ impl Source {
     }
 
     /// Waits for the first message (up to the idle interval), then takes whatever else is
-    /// already buffered, up to the batch limits.
+    /// already buffered, up to the batch limits. Messages gathered while the previous batch
+    /// was applied come first, without waiting.
     pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Fetched, NatsError> {
         let idle = self.idle;
-        let (batch_max, bytes_max) = (self.batch, self.batch_bytes);
-        let stream = self.stream().await?;
-        let first = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Ok(Fetched::Shutdown),
-            next = tokio::time::timeout(idle, stream.next()) => next,
+        let mut batch = std::mem::take(&mut self.ahead);
+        let mut bytes = std::mem::take(&mut self.ahead_bytes);
+        if batch.is_empty() {
+            let stream = self.stream().await?;
+            let first = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(Fetched::Shutdown),
+                next = tokio::time::timeout(idle, stream.next()) => next,
+            };
+            let first = match first {
+                Err(_) => return Ok(Fetched::Idle),
+                Ok(None) => {
+                    self.rebind();
+                    return Ok(Fetched::Idle);
+                }
+                Ok(Some(Err(err))) => {
+                    tracing::warn!(error = %err, "pull consumer error; re-binding");
+                    self.rebind();
+                    return Ok(Fetched::Idle);
+                }
+                Ok(Some(Ok(message))) => message,
+            };
+            bytes = first.payload.len();
+            batch.extend(Incoming::pulled(first));
+        }
+        if self.take_buffered(&mut batch, &mut bytes) {
+            self.rebind();
+        }
+        Ok(Fetched::Batch(batch))
+    }
+
+    /// Takes messages that arrive while a batch is applied, up to one batch, so that the next
+    /// batch is ready when the applying thread is. Returns once it took some; never returns
+    /// when it wants no more (a full batch, no subscription). Cancel-safe.
+    pub async fn gather(&mut self) {
+        let full = self.ahead.len() >= self.batch || self.ahead_bytes >= self.batch_bytes;
+        let Some(stream) = self.messages.as_mut().filter(|_| !full) else {
+            return std::future::pending().await;
         };
-        let first = match first {
-            Err(_) => return Ok(Fetched::Idle),
-            Ok(None) => {
-                self.rebind();
-                return Ok(Fetched::Idle);
+        match stream.next().await {
+            Some(Ok(message)) => {
+                self.ahead_bytes += message.payload.len();
+                self.ahead.extend(Incoming::pulled(message));
+                let (mut ahead, mut bytes) = (std::mem::take(&mut self.ahead), self.ahead_bytes);
+                let broken = self.take_buffered(&mut ahead, &mut bytes);
+                (self.ahead, self.ahead_bytes) = (ahead, bytes);
+                if broken {
+                    self.rebind();
+                }
             }
-            Ok(Some(Err(err))) => {
+            Some(Err(err)) => {
                 tracing::warn!(error = %err, "pull consumer error; re-binding");
                 self.rebind();
-                return Ok(Fetched::Idle);
             }
-            Ok(Some(Ok(message))) => message,
+            None => self.rebind(),
+        }
+    }
+
+    /// Appends what the subscription already buffered to `batch`, up to the batch limits;
+    /// true if the subscription broke (the caller re-binds).
+    fn take_buffered(&mut self, batch: &mut Vec<Incoming>, bytes: &mut usize) -> bool {
+        let (batch_max, bytes_max) = (self.batch, self.batch_bytes);
+        let Some(stream) = self.messages.as_mut() else {
+            return false;
         };
-        let mut bytes = first.payload.len();
-        let mut batch: Vec<Incoming> = Incoming::pulled(first).into_iter().collect();
-        while batch.len() < batch_max && bytes < bytes_max {
+        while batch.len() < batch_max && *bytes < bytes_max {
             // Unconstrained: tokio's cooperative budget (128 polls per task turn) would
             // otherwise report an empty buffer and cut every batch at about 120 messages.
             match tokio::task::unconstrained(stream.next()).now_or_never() {
                 Some(Some(Ok(message))) => {
-                    bytes += message.payload.len();
+                    *bytes += message.payload.len();
                     batch.extend(Incoming::pulled(message));
                 }
                 Some(Some(Err(err))) => {
                     tracing::warn!(error = %err, "pull consumer error; re-binding");
-                    self.rebind();
-                    break;
+                    return true;
                 }
-                Some(None) => {
-                    self.rebind();
-                    break;
-                }
+                Some(None) => return true,
                 None => break,
             }
         }
-        Ok(Fetched::Batch(batch))
+        false
     }
 }
 

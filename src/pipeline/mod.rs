@@ -215,7 +215,7 @@ impl Pipeline {
                 }
                 Ok(Fetched::Batch(messages)) => {
                     self.idle_rounds = 0;
-                    self.process(messages).await?;
+                    self.process(messages, Some(&mut source)).await?;
                 }
                 Err(err) => {
                     warn!(error = %err, "fetch failed");
@@ -721,7 +721,7 @@ impl Pipeline {
             let Some(last) = messages.last().map(|m| m.seq) else {
                 break;
             };
-            self.process(messages).await?;
+            self.process(messages, None).await?;
             if self.cancel.is_cancelled() {
                 return Ok(false);
             }
@@ -730,8 +730,13 @@ impl Pipeline {
         Ok(true)
     }
 
-    /// Processes fetched messages in order; messages on their last delivery go alone.
-    async fn process(&mut self, messages: Vec<Incoming>) -> Result<(), PipelineError> {
+    /// Processes fetched messages in order; messages on their last delivery go alone. With a
+    /// `source`, the next batch is gathered from it while this one is applied.
+    async fn process(
+        &mut self,
+        messages: Vec<Incoming>,
+        mut source: Option<&mut Source>,
+    ) -> Result<(), PipelineError> {
         let max_deliver = self.spec.config.max_deliver;
         let is_last = |m: &Incoming| max_deliver > 0 && m.delivered >= max_deliver;
         let mut segments: VecDeque<(Vec<Incoming>, Mode)> = VecDeque::new();
@@ -750,7 +755,8 @@ impl Pipeline {
             segments.push_back((current, Mode::Normal));
         }
         while let Some((segment, mode)) = segments.pop_front() {
-            self.process_segment(segment, mode).await?;
+            self.process_segment(segment, mode, source.as_deref_mut())
+                .await?;
             if self.cancel.is_cancelled() {
                 // Messages not yet processed are left unacked: redelivered to the next run.
                 break;
@@ -764,6 +770,7 @@ impl Pipeline {
         &mut self,
         messages: Vec<Incoming>,
         mode: Mode,
+        mut source: Option<&mut Source>,
     ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let span = info_span!(
@@ -786,7 +793,7 @@ impl Pipeline {
             let batch = std::mem::take(&mut messages);
             // Decoded on the thread that applies: the events are allocated and freed on one
             // thread (the allocator's fast path), and the async workers stay free for I/O.
-            let result = tokio::task::spawn_blocking(move || {
+            let task = tokio::task::spawn_blocking(move || {
                 let (items, position) = items(&spec, created_ns, &batch);
                 let described = debug.then(|| describe(&items, &batch));
                 let range = items
@@ -795,8 +802,22 @@ impl Pipeline {
                     .zip(position.as_ref().map(|p| p.seq));
                 let applied = store.apply(&spec, items, &house, position.as_ref());
                 (applied, house, batch, described, range)
-            })
-            .await;
+            });
+            let result = match source.as_deref_mut() {
+                // Messages arriving meanwhile become the next batch: the applying thread does
+                // not wait for this task to take them from the subscription.
+                Some(source) => {
+                    tokio::pin!(task);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            done = &mut task => break done,
+                            () = source.gather() => {}
+                        }
+                    }
+                }
+                None => task.await,
+            };
             let result = result.map(|(applied, house, back, logs, range)| {
                 messages = back;
                 described = logs;
