@@ -805,14 +805,17 @@ impl Pipeline {
             });
             let result = match source.as_deref_mut() {
                 // Messages arriving meanwhile become the next batch: the applying thread does
-                // not wait for this task to take them from the subscription.
+                // not wait for this task to take them from the subscription. Once shutdown is
+                // requested nothing more is taken (the contract's drain stops fetching).
                 Some(source) => {
                     tokio::pin!(task);
+                    let cancel = self.cancel.clone();
                     loop {
                         tokio::select! {
                             biased;
                             done = &mut task => break done,
-                            () = source.gather() => {}
+                            () = source.gather(), if !cancel.is_cancelled() => {}
+                            () = cancel.cancelled(), if !cancel.is_cancelled() => {}
                         }
                     }
                 }
