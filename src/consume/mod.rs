@@ -495,9 +495,7 @@ impl Source {
     /// was applied come first, without waiting.
     pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Result<Fetched, NatsError> {
         let idle = self.idle;
-        let mut batch = std::mem::take(&mut self.ahead);
-        let mut bytes = std::mem::take(&mut self.ahead_bytes);
-        if batch.is_empty() {
+        if self.ahead.is_empty() {
             let stream = self.stream().await?;
             let first = tokio::select! {
                 biased;
@@ -517,10 +515,14 @@ impl Source {
                 }
                 Ok(Some(Ok(message))) => message,
             };
-            bytes = first.payload.len();
-            batch.extend(Incoming::pulled(first));
+            self.ahead_bytes = first.payload.len();
+            self.ahead.extend(Incoming::pulled(first));
         }
-        if self.take_buffered(&mut batch, &mut bytes) {
+        let broken = self.take_buffered();
+        let batch = std::mem::take(&mut self.ahead);
+        self.ahead_bytes = 0;
+        // After taking the batch: a re-bind drops what was gathered ahead.
+        if broken {
             self.rebind();
         }
         Ok(Fetched::Batch(batch))
@@ -538,10 +540,7 @@ impl Source {
             Some(Ok(message)) => {
                 self.ahead_bytes += message.payload.len();
                 self.ahead.extend(Incoming::pulled(message));
-                let (mut ahead, mut bytes) = (std::mem::take(&mut self.ahead), self.ahead_bytes);
-                let broken = self.take_buffered(&mut ahead, &mut bytes);
-                (self.ahead, self.ahead_bytes) = (ahead, bytes);
-                if broken {
+                if self.take_buffered() {
                     self.rebind();
                 }
             }
@@ -553,20 +552,19 @@ impl Source {
         }
     }
 
-    /// Appends what the subscription already buffered to `batch`, up to the batch limits;
-    /// true if the subscription broke (the caller re-binds).
-    fn take_buffered(&mut self, batch: &mut Vec<Incoming>, bytes: &mut usize) -> bool {
-        let (batch_max, bytes_max) = (self.batch, self.batch_bytes);
+    /// Appends what the subscription already buffered to the messages gathered ahead, up to
+    /// the batch limits; true if the subscription broke (the caller re-binds).
+    fn take_buffered(&mut self) -> bool {
         let Some(stream) = self.messages.as_mut() else {
             return false;
         };
-        while batch.len() < batch_max && *bytes < bytes_max {
+        while self.ahead.len() < self.batch && self.ahead_bytes < self.batch_bytes {
             // Unconstrained: tokio's cooperative budget (128 polls per task turn) would
             // otherwise report an empty buffer and cut every batch at about 120 messages.
             match tokio::task::unconstrained(stream.next()).now_or_never() {
                 Some(Some(Ok(message))) => {
-                    *bytes += message.payload.len();
-                    batch.extend(Incoming::pulled(message));
+                    self.ahead_bytes += message.payload.len();
+                    self.ahead.extend(Incoming::pulled(message));
                 }
                 Some(Some(Err(err))) => {
                     tracing::warn!(error = %err, "pull consumer error; re-binding");
