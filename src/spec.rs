@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::config::{EnvelopeFormat, ProjectionConfig, ReducerKind};
-use crate::decode::{Decoder, ErrorCode, Event, Format, Keep, Poison};
+use crate::decode::{DataParse, Decoder, ErrorCode, Event, Format, Keep, PathTree, Poison};
 use crate::dlq::DlqTemplate;
 use crate::key::{self, Context, Part, Resolved, Template};
 use crate::reduce::{Counter, Latest, Merge, Projection};
@@ -96,6 +96,7 @@ impl Spec {
             }
             None => None,
         };
+        let mut sum_path = None;
         let reducer: Arc<dyn Projection> = match config.reducer {
             ReducerKind::Latest => Arc::new(Latest),
             ReducerKind::Merge => Arc::new(Merge),
@@ -110,6 +111,7 @@ impl Spec {
                     },
                     None => None,
                 };
+                sum_path.clone_from(&sum);
                 Arc::new(Counter { sum })
             }
             ReducerKind::Custom => custom.ok_or_else(|| {
@@ -138,6 +140,23 @@ impl Spec {
                     .collect(),
             )
         };
+        // What of the data is parsed: `merge` and custom reducers read all of it; `counter` the
+        // templates' data fields and its sum field; `latest` the templates' fields, and stores
+        // the data's text as it is.
+        let data_paths = || {
+            let named = key.parts().iter().chain(epoch.iter());
+            let paths = named.filter_map(|part| match part {
+                Part::Data(path) => Some(path.as_slice()),
+                _ => None,
+            });
+            PathTree::of(paths.chain(sum_path.as_deref()))
+        };
+        let data = match config.reducer {
+            ReducerKind::Merge | ReducerKind::Custom => DataParse::Full,
+            _ if data_paths().is_whole() => DataParse::Full,
+            ReducerKind::Latest => DataParse::PathsAndText(data_paths()),
+            ReducerKind::Counter => DataParse::Paths(data_paths()),
+        };
         let dlq =
             DlqTemplate::parse(&config.dlq_subject).map_err(|e| format!("dlq_subject: {e}"))?;
         Ok(Spec {
@@ -152,6 +171,7 @@ impl Spec {
                 max_bytes: config.max_event_bytes,
                 max_depth: config.max_depth,
                 keep,
+                data,
             },
             dedupe_window_ms: u64::try_from(config.dedupe_window.as_millis()).unwrap_or(u64::MAX),
             dlq,
@@ -226,5 +246,63 @@ fn epoch_of(part: &Part, ctx: &Context<'_>) -> Result<u64, Poison> {
         }
         Resolved::Text(text) => text.parse().map_err(|_| bad("is not an unsigned integer")),
         Resolved::Json(_) => Err(bad("is not an unsigned integer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn compile(key: &str, reducer: &str, extra: &str) -> Spec {
+        let toml = format!(
+            "[[projection]]\nname = \"p\"\nstream = \"S\"\nkey = \"{key}\"\n\
+             reducer = \"{reducer}\"\n{extra}"
+        );
+        let config = crate::config::Config::parse(&toml, Path::new(".")).expect("config parses");
+        Spec::compile(&config.projection[0], None).expect("spec compiles")
+    }
+
+    fn prepare(spec: &Spec, payload: &[u8]) -> Prepared {
+        let view = MessageView {
+            seq: 1,
+            subject: "s",
+            headers: None,
+            payload,
+            publish_ms: 0,
+        };
+        spec.prepare(&view).expect("event decodes")
+    }
+
+    const EVENT: &[u8] = br#"{"specversion":"1.0","id":"e1","source":"s","type":"t",
+        "data":{"k":"a","amount":5,"pad":"xx"}}"#;
+
+    #[test]
+    fn latest_parses_the_fields_its_templates_read_and_keeps_the_text() {
+        let spec = compile("{data.k}", "latest", "");
+        let p = prepare(&spec, EVENT);
+        assert_eq!(p.key, "a");
+        assert_eq!(p.event.data, serde_json::json!({"k": "a"}));
+        let text = p.event.raw_data.expect("the data's text");
+        assert_eq!(text.as_str(), r#"{"k":"a","amount":5,"pad":"xx"}"#);
+    }
+
+    #[test]
+    fn counter_parses_its_sum_field_and_keeps_no_text() {
+        let spec = compile("{data.k}", "counter", "sum = \"{data.amount}\"\n");
+        let p = prepare(&spec, EVENT);
+        assert_eq!(p.event.data, serde_json::json!({"k": "a", "amount": 5}));
+        assert_eq!(p.event.raw_data, None);
+    }
+
+    #[test]
+    fn merge_and_a_whole_data_key_parse_all_of_it() {
+        let whole = serde_json::json!({"k": "a", "amount": 5, "pad": "xx"});
+        let spec = compile("{data.k}", "merge", "");
+        let p = prepare(&spec, EVENT);
+        assert_eq!((p.event.data, p.event.raw_data), (whole, None));
+        // A key of the whole data (a scalar) needs all of it.
+        let spec = compile("{data}", "latest", "");
+        assert_eq!(spec.decoder.data, DataParse::Full);
     }
 }

@@ -5,8 +5,10 @@
 //! the network or the store, and every failure is a bounded [`ErrorCode`].
 
 mod code;
+mod data;
 
 pub use code::{ErrorCode, Poison};
+pub use data::{DataParse, PathTree, RawJson};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -26,8 +28,12 @@ pub struct Event {
     pub idempotency_key: Option<String>,
     /// The correlation id from the envelope, when present.
     pub correlation_id: Option<String>,
-    /// The event's data (`data` in CloudEvents); `null` when absent.
+    /// The event's data (`data` in CloudEvents); `null` when absent. With
+    /// [`DataParse::Paths`], only the fields the projection reads.
     pub data: Value,
+    /// The data's JSON text as published, when the decoder keeps it
+    /// ([`DataParse::PathsAndText`]) and it is compact.
+    pub raw_data: Option<RawJson>,
     /// The other top-level fields of the envelope, for `{FIELD}` templates and custom reducers
     /// (with [`Keep::Only`], the fields it names and those decoding reads).
     pub envelope: Map<String, Value>,
@@ -54,6 +60,7 @@ impl Event {
             idempotency_key: None,
             correlation_id: None,
             data,
+            raw_data: None,
             envelope,
         }
     }
@@ -114,6 +121,8 @@ pub struct Decoder {
     pub max_depth: usize,
     /// Which top-level fields [`Event::envelope`] keeps.
     pub keep: Keep,
+    /// How much of the data is parsed.
+    pub data: DataParse,
 }
 
 /// Which top-level envelope fields a decoded [`Event`] keeps in [`Event::envelope`].
@@ -134,6 +143,7 @@ impl Default for Decoder {
             max_bytes: 1024 * 1024,
             max_depth: 64,
             keep: Keep::All,
+            data: DataParse::Full,
         }
     }
 }
@@ -177,7 +187,7 @@ impl Decoder {
             },
         };
         let mut de = serde_json::Deserializer::from_slice(payload);
-        let (envelope, data) = match serde::de::DeserializeSeed::deserialize(seed, &mut de)
+        let (read, envelope, data) = match serde::de::DeserializeSeed::deserialize(seed, &mut de)
             .and_then(|parsed| de.end().map(|()| parsed))
         {
             Ok(parsed) => parsed,
@@ -204,39 +214,60 @@ impl Decoder {
                 ));
             }
         };
-        match &self.format {
-            Format::CloudEvents => cloudevent(envelope, data),
-            Format::Fields(map) => mapped(envelope, data, map),
-        }
-    }
-
-    /// Whether the top-level field `name` is parsed into the envelope map: the fields decoding
-    /// reads, and those [`Decoder::keep`] names.
-    fn parses(&self, name: &str) -> bool {
-        let read = match &self.format {
-            Format::CloudEvents => CLOUDEVENT_FIELDS.contains(&name),
-            Format::Fields(map) => {
-                name == map.id
-                    || name == map.event_type
-                    || [
-                        &map.version,
-                        &map.time,
-                        &map.idempotency_key,
-                        &map.correlation_id,
-                    ]
-                    .into_iter()
-                    .any(|f| f.as_deref() == Some(name))
+        let (data, raw_data) = match data {
+            Data::Parsed(value) => (value, None),
+            Data::Text(raw, tree) => {
+                // The text is kept only when compact; other data is parsed whole, and a state
+                // made of it is written compact.
+                let compact = data::is_compact(raw.get());
+                let mut de = serde_json::Deserializer::from_str(raw.get());
+                let parsed = if compact {
+                    serde::de::DeserializeSeed::deserialize(data::Partial(tree), &mut de)
+                } else {
+                    Value::deserialize(&mut de)
+                };
+                let value = parsed.map_err(|e| {
+                    Poison::new(ErrorCode::InvalidJson, format!("data is not JSON: {e}"))
+                })?;
+                (value, compact.then(|| RawJson::of(raw)))
             }
         };
-        read || match &self.keep {
+        let mut event = match &self.format {
+            Format::CloudEvents => cloudevent(read, envelope, data),
+            Format::Fields(map) => mapped(read, envelope, data, map),
+        }?;
+        event.raw_data = raw_data;
+        Ok(event)
+    }
+
+    /// Whether the top-level field `name` is kept in [`Event::envelope`] ([`Decoder::keep`]).
+    fn keeps(&self, name: &str) -> bool {
+        match &self.keep {
             Keep::All => true,
             Keep::Only(fields) => fields.iter().any(|f| f == name),
         }
     }
+
+    /// The names of the envelope fields decoding reads, by slot (see [`Read`]).
+    fn read_names(&self) -> [Option<&str>; READ_SLOTS] {
+        match &self.format {
+            Format::CloudEvents => CLOUDEVENT_FIELDS.map(Some),
+            Format::Fields(map) => [
+                Some(map.id.as_str()),
+                Some(map.event_type.as_str()),
+                map.version.as_deref(),
+                map.time.as_deref(),
+                map.idempotency_key.as_deref(),
+                map.correlation_id.as_deref(),
+                None,
+                None,
+            ],
+        }
+    }
 }
 
-/// The CloudEvents attributes decoding reads (the data aside).
-const CLOUDEVENT_FIELDS: [&str; 8] = [
+/// The CloudEvents attributes decoding reads (the data aside), in their slots' order.
+const CLOUDEVENT_FIELDS: [&str; READ_SLOTS] = [
     "specversion",
     "source",
     "id",
@@ -247,23 +278,38 @@ const CLOUDEVENT_FIELDS: [&str; 8] = [
     "dataversion",
 ];
 
-/// Parses an envelope object in one pass: its data field apart, the fields [`Decoder::parses`]
-/// into a map, the rest checked for syntax and skipped without allocating.
+const READ_SLOTS: usize = 8;
+
+/// The envelope fields decoding reads, parsed apart from [`Event::envelope`] (no map entry, and
+/// moved into the event instead of copied), by slot of [`Decoder::read_names`].
+type Read = [Option<Value>; READ_SLOTS];
+
+/// Parses an envelope object in one pass: its data field apart, the fields decoding reads into
+/// their slots, those [`Decoder::keeps`] into a map, the rest checked for syntax and skipped
+/// without allocating.
 struct EnvelopeSeed<'a> {
     decoder: &'a Decoder,
     data_field: &'a str,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'_> {
-    type Value = (Map<String, Value>, Value);
+/// An envelope's data as the first pass leaves it.
+enum Data<'de, 'a> {
+    /// Parsed (whole or along the paths).
+    Parsed(Value),
+    /// Its text, to keep, and the paths to parse from it.
+    Text(&'de serde_json::value::RawValue, &'a PathTree),
+}
+
+impl<'de, 'a> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'a> {
+    type Value = (Read, Map<String, Value>, Data<'de, 'a>);
 
     fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
         de.deserialize_map(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for EnvelopeSeed<'_> {
-    type Value = (Map<String, Value>, Value);
+impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
+    type Value = (Read, Map<String, Value>, Data<'de, 'a>);
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
@@ -273,41 +319,78 @@ impl<'de> serde::de::Visitor<'de> for EnvelopeSeed<'_> {
         self,
         mut access: A,
     ) -> Result<Self::Value, A::Error> {
-        let (mut envelope, mut data) = (Map::new(), Value::Null);
+        let (mut envelope, mut data) = (Map::new(), Data::Parsed(Value::Null));
+        let mut read = Read::default();
+        let names = self.decoder.read_names();
         // Later duplicates win, as in a parsed `Value`.
         while let Some(name) = access.next_key::<std::borrow::Cow<'de, str>>()? {
             if name == self.data_field {
-                data = access.next_value()?;
-            } else if self.decoder.parses(&name) {
-                envelope.insert(name.into_owned(), access.next_value()?);
-            } else {
-                access.next_value::<serde::de::IgnoredAny>()?;
+                data = match &self.decoder.data {
+                    DataParse::Full => Data::Parsed(access.next_value()?),
+                    DataParse::Paths(tree) => {
+                        Data::Parsed(access.next_value_seed(data::Partial(tree))?)
+                    }
+                    DataParse::PathsAndText(tree) => Data::Text(access.next_value()?, tree),
+                };
+                continue;
+            }
+            let kept = self.decoder.keeps(&name);
+            match names.iter().position(|n| *n == Some(name.as_ref())) {
+                Some(slot) => {
+                    let value: Value = access.next_value()?;
+                    // A field map may name one field for two roles.
+                    for (other, n) in names.iter().enumerate().skip(slot + 1) {
+                        if *n == Some(name.as_ref()) {
+                            read[other] = Some(value.clone());
+                        }
+                    }
+                    if kept {
+                        envelope.insert(name.into_owned(), value.clone());
+                    }
+                    read[slot] = Some(value);
+                }
+                None if kept => {
+                    envelope.insert(name.into_owned(), access.next_value()?);
+                }
+                None => {
+                    access.next_value::<serde::de::IgnoredAny>()?;
+                }
             }
         }
-        Ok((envelope, data))
+        Ok((read, envelope, data))
     }
 }
 
-fn cloudevent(envelope: Map<String, Value>, data: Value) -> Result<Event, Poison> {
-    let specversion = required_string(&envelope, "specversion")?;
+fn cloudevent(read: Read, envelope: Map<String, Value>, data: Value) -> Result<Event, Poison> {
+    let [
+        specversion,
+        source,
+        id,
+        event_type,
+        data_base64,
+        time,
+        correlation_id,
+        version,
+    ] = read;
+    let specversion = required_string(specversion, "specversion")?;
     if specversion != "1.0" {
         return Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             format!("specversion is {specversion:?}, expected \"1.0\""),
         ));
     }
-    required_string(&envelope, "source")?;
-    let id = required_string(&envelope, "id")?;
-    let event_type = required_string(&envelope, "type")?;
-    if envelope.contains_key("data_base64") {
+    required_string(source, "source")?;
+    let id = required_string(id, "id")?;
+    let event_type = required_string(event_type, "type")?;
+    if data_base64.is_some() {
         return Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             "data_base64 (binary data) cannot be projected into JSON state",
         ));
     }
-    let time = optional_string(&envelope, "time")?;
-    let correlation_id = optional_string(&envelope, "correlationid")?;
-    let version = optional_text(&envelope, "dataversion")?;
+    let time = optional_string(time, "time")?;
+    let correlation_id = optional_string(correlation_id, "correlationid")?;
+    let version = optional_text(version, "dataversion")?;
     Ok(Event {
         id,
         event_type,
@@ -316,21 +399,37 @@ fn cloudevent(envelope: Map<String, Value>, data: Value) -> Result<Event, Poison
         idempotency_key: None,
         correlation_id,
         data,
+        raw_data: None,
         envelope,
     })
 }
 
-fn mapped(envelope: Map<String, Value>, data: Value, map: &FieldMap) -> Result<Event, Poison> {
-    let id = required_string(&envelope, &map.id)?;
-    let event_type = required_string(&envelope, &map.event_type)?;
-    let optional = |field: &Option<String>, envelope: &Map<String, Value>| match field {
-        Some(name) => optional_text(envelope, name),
-        None => Ok(None),
+fn mapped(
+    read: Read,
+    envelope: Map<String, Value>,
+    data: Value,
+    map: &FieldMap,
+) -> Result<Event, Poison> {
+    let [
+        id,
+        event_type,
+        version,
+        time,
+        idempotency_key,
+        correlation_id,
+        _,
+        _,
+    ] = read;
+    let id = required_string(id, &map.id)?;
+    let event_type = required_string(event_type, &map.event_type)?;
+    // A slot of a field the map does not name stays empty.
+    let optional = |value: Option<Value>, field: &Option<String>| {
+        optional_text(value, field.as_deref().unwrap_or_default())
     };
-    let version = optional(&map.version, &envelope)?;
-    let time = optional(&map.time, &envelope)?;
-    let idempotency_key = optional(&map.idempotency_key, &envelope)?;
-    let correlation_id = optional(&map.correlation_id, &envelope)?;
+    let version = optional(version, &map.version)?;
+    let time = optional(time, &map.time)?;
+    let idempotency_key = optional(idempotency_key, &map.idempotency_key)?;
+    let correlation_id = optional(correlation_id, &map.correlation_id)?;
     Ok(Event {
         id,
         event_type,
@@ -339,13 +438,14 @@ fn mapped(envelope: Map<String, Value>, data: Value, map: &FieldMap) -> Result<E
         idempotency_key,
         correlation_id,
         data,
+        raw_data: None,
         envelope,
     })
 }
 
-fn required_string(envelope: &Map<String, Value>, field: &str) -> Result<String, Poison> {
-    match envelope.get(field) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+fn required_string(value: Option<Value>, field: &str) -> Result<String, Poison> {
+    match value {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
         Some(Value::String(_)) => Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             format!("envelope field {field:?} is empty"),
@@ -361,10 +461,10 @@ fn required_string(envelope: &Map<String, Value>, field: &str) -> Result<String,
     }
 }
 
-fn optional_string(envelope: &Map<String, Value>, field: &str) -> Result<Option<String>, Poison> {
-    match envelope.get(field) {
+fn optional_string(value: Option<Value>, field: &str) -> Result<Option<String>, Poison> {
+    match value {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             format!("envelope field {field:?} is not a string"),
@@ -373,10 +473,10 @@ fn optional_string(envelope: &Map<String, Value>, field: &str) -> Result<Option<
 }
 
 /// A string or a number (event versions are either), as text.
-fn optional_text(envelope: &Map<String, Value>, field: &str) -> Result<Option<String>, Poison> {
-    match envelope.get(field) {
+fn optional_text(value: Option<Value>, field: &str) -> Result<Option<String>, Poison> {
+    match value {
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        _ => optional_string(envelope, field),
+        value => optional_string(value, field),
     }
 }
 
@@ -533,6 +633,67 @@ mod tests {
             code(&decoder, &serde_json::to_vec(&missing).unwrap()),
             ErrorCode::InvalidEnvelope
         );
+    }
+
+    #[test]
+    fn one_field_may_fill_two_roles_and_be_kept() {
+        let decoder = Decoder {
+            format: Format::Fields(FieldMap {
+                idempotency_key: Some("eventId".into()),
+                ..FieldMap::default()
+            }),
+            keep: Keep::Only(vec!["eventId".into()]),
+            ..Decoder::default()
+        };
+        let event = decoder
+            .decode(br#"{"eventId":"a1","eventType":"t"}"#)
+            .unwrap();
+        assert_eq!((event.id.as_str(), event.dedupe_id()), ("a1", "a1"));
+        assert_eq!(event.envelope.get("eventId"), Some(&json!("a1")));
+        let later_wins = br#"{"eventId":"a1","eventType":"t","eventId":"a2"}"#;
+        let event = decoder.decode(later_wins).unwrap();
+        assert_eq!((event.id.as_str(), event.dedupe_id()), ("a2", "a2"));
+        assert_eq!(event.envelope.get("eventId"), Some(&json!("a2")));
+        // Fields read but not named by a template are not kept.
+        assert!(!event.envelope.contains_key("eventType"));
+    }
+
+    fn paths(list: &[&str]) -> PathTree {
+        let owned: Vec<Vec<String>> = list.iter().map(|p| vec![p.to_string()]).collect();
+        PathTree::of(owned.iter().map(Vec::as_slice))
+    }
+
+    #[test]
+    fn compact_data_keeps_its_text_and_only_the_fields_read() {
+        let decoder = Decoder {
+            data: DataParse::PathsAndText(paths(&["k"])),
+            ..Decoder::default()
+        };
+        let payload = br#"{"specversion":"1.0","id":"e1","source":"s","type":"t",
+            "data":{"z":"a b","k":7,"pad":[1,2]}}"#;
+        let event = decoder.decode(payload).unwrap();
+        assert_eq!(event.data, json!({"k": 7}));
+        let text = event.raw_data.expect("compact data keeps its text");
+        assert_eq!(text.as_str(), r#"{"z":"a b","k":7,"pad":[1,2]}"#);
+    }
+
+    #[test]
+    fn data_with_whitespace_is_parsed_whole_and_keeps_no_text() {
+        let decoder = Decoder {
+            data: DataParse::PathsAndText(paths(&["k"])),
+            ..Decoder::default()
+        };
+        let payload = br#"{"specversion":"1.0","id":"e1","source":"s","type":"t",
+            "data": {"z": 1, "k": 7}}"#;
+        let event = decoder.decode(payload).unwrap();
+        assert_eq!(event.data, json!({"z": 1, "k": 7}));
+        assert_eq!(event.raw_data, None);
+        let counter = Decoder {
+            data: DataParse::Paths(paths(&["amount"])),
+            ..Decoder::default()
+        };
+        let event = counter.decode(payload).unwrap();
+        assert_eq!((event.data, event.raw_data), (json!({}), None));
     }
 
     #[test]

@@ -1,19 +1,23 @@
 //! Reducers: how one event changes the JSON state of its key.
 //!
 //! Every reducer is deterministic: the same events in the same order give the same state, and
-//! states serialize to the same bytes (serde_json maps are ordered by key). Deletes
+//! states serialize to the same bytes (serde_json maps are ordered by key; `latest` keeps compact
+//! data as published, which the same events also repeat byte for byte). Deletes
 //! (`delete_on`), duplicates, stale epochs and sequence guards are handled by the store around
 //! the reducer, so a reducer only folds.
 
 use serde_json::{Map, Number, Value};
 
-use crate::decode::Event;
+use crate::decode::{Event, RawJson};
 
 /// What an event does to its key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// The key's new state.
     Put(Value),
+    /// The key's new state as JSON text: an event's data as published ([`Event::raw_data`]),
+    /// stored without parsing it again.
+    PutText(RawJson),
     /// The key is deleted (a tombstone); the next event starts again from no state.
     Delete,
 }
@@ -56,11 +60,17 @@ pub struct Latest;
 
 impl Projection for Latest {
     fn apply(&self, _state: Option<Value>, event: &Event) -> Result<Change, ReduceError> {
-        Ok(Change::Put(event.data.clone()))
+        Ok(match &event.raw_data {
+            Some(text) => Change::PutText(text.clone()),
+            None => Change::Put(event.data.clone()),
+        })
     }
 
     fn apply_owned(&self, _state: Option<Value>, event: &mut Event) -> Result<Change, ReduceError> {
-        Ok(Change::Put(std::mem::take(&mut event.data)))
+        Ok(match event.raw_data.take() {
+            Some(text) => Change::PutText(text),
+            None => Change::Put(std::mem::take(&mut event.data)),
+        })
     }
 
     fn needs_state(&self) -> bool {
@@ -197,6 +207,7 @@ mod tests {
     fn put(change: Change) -> Value {
         match change {
             Change::Put(v) => v,
+            Change::PutText(text) => serde_json::from_str(text.as_str()).unwrap(),
             Change::Delete => panic!("expected a put"),
         }
     }
@@ -338,8 +349,8 @@ mod tests {
                 let mut state: Option<Value> = None;
                 for d in &datas {
                     state = match Merge.apply(state.clone(), &ev(d.clone())).unwrap() {
-                        Change::Put(v) => Some(v),
                         Change::Delete => None,
+                        change => Some(put(change)),
                     };
                 }
                 serde_json::to_vec(&state).unwrap()

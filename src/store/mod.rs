@@ -705,6 +705,7 @@ impl Store {
                 };
                 match change {
                     Ok(Change::Put(state)) => w.slot = Slot::Parsed(state),
+                    Ok(Change::PutText(text)) => w.slot = Slot::Raw(text.into_bytes()),
                     Ok(Change::Delete) => w.slot = Slot::Empty,
                     Err(err) => {
                         applied

@@ -1,0 +1,261 @@
+//! How much of an event's data decoding builds: the whole of it, or only the fields the
+//! projection reads (its templates' `{data.PATH}`s), plus the data's JSON text for a reducer
+//! that stores the data as it is (`latest`).
+//!
+//! Invariant: for every path of the [`PathTree`], looking it up in the partial value gives what
+//! it gives in the whole value (the same value, or missing); fields on no path are checked for
+//! syntax and skipped without allocating.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+/// The data fields a projection reads, as a tree of object keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathTree {
+    /// The whole value at this node is read (a path ends here).
+    whole: bool,
+    /// The keys read below this node.
+    children: BTreeMap<String, PathTree>,
+}
+
+impl PathTree {
+    /// The tree of these data paths (`["a", "b"]` for `{data.a.b}`; `[]` for `{data}`).
+    pub fn of<'a>(paths: impl IntoIterator<Item = &'a [String]>) -> PathTree {
+        let mut root = PathTree::default();
+        for path in paths {
+            let node = path.iter().fold(&mut root, |node, segment| {
+                node.children.entry(segment.clone()).or_default()
+            });
+            node.whole = true;
+        }
+        root
+    }
+
+    /// Whether the whole data is read (`{data}`), so a partial parse would save nothing.
+    pub fn is_whole(&self) -> bool {
+        self.whole
+    }
+}
+
+/// How a decoder parses an event's data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DataParse {
+    /// The whole data into [`super::Event::data`] (merge and custom reducers read all of it).
+    #[default]
+    Full,
+    /// Only the fields on these paths into [`super::Event::data`].
+    Paths(PathTree),
+    /// The fields on these paths, and the data's text into [`super::Event::raw_data`] when it
+    /// is compact (no whitespace between tokens); other data is parsed whole instead, so a
+    /// state made of it stays compact.
+    PathsAndText(PathTree),
+}
+
+/// A JSON value's text, checked by the parser: what the `latest` reducer stores as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawJson(Box<str>);
+
+impl RawJson {
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The JSON text as bytes, without a copy.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0.into_boxed_bytes().into_vec()
+    }
+
+    pub(super) fn of(raw: &serde_json::value::RawValue) -> RawJson {
+        RawJson(raw.get().into())
+    }
+}
+
+/// Whether `text` has no whitespace between its tokens (whitespace inside strings is data).
+pub(super) fn is_compact(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    // Most data has no whitespace byte at all.
+    if !bytes
+        .iter()
+        .any(|&b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+    {
+        return true;
+    }
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            return false;
+        }
+    }
+    true
+}
+
+/// Parses one JSON value, building only what a [`PathTree`] reads.
+pub(super) struct Partial<'a>(pub &'a PathTree);
+
+impl<'de> DeserializeSeed<'de> for Partial<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+        if self.0.whole {
+            Value::deserialize(de)
+        } else {
+            de.deserialize_any(self)
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for Partial<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    // Array elements are looked up by index: the whole array is kept.
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+        let mut map = Map::new();
+        // Later duplicates win, as in a parsed `Value`.
+        while let Some(key) = access.next_key::<std::borrow::Cow<'de, str>>()? {
+            match self.0.children.get(key.as_ref()) {
+                Some(child) => {
+                    let value = access.next_value_seed(Partial(child))?;
+                    map.insert(key.into_owned(), value);
+                }
+                None => {
+                    access.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Value::Object(map))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn paths(list: &[&[&str]]) -> PathTree {
+        let owned: Vec<Vec<String>> = list
+            .iter()
+            .map(|p| p.iter().map(|s| s.to_string()).collect())
+            .collect();
+        PathTree::of(owned.iter().map(Vec::as_slice))
+    }
+
+    fn partial(tree: &PathTree, text: &str) -> Value {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let value = Partial(tree).deserialize(&mut de).expect("valid JSON");
+        de.end().expect("one value");
+        value
+    }
+
+    fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+        path.iter().try_fold(value, |v, s| match v {
+            Value::Object(m) => m.get(*s),
+            Value::Array(a) => s.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn keeps_only_the_fields_on_the_paths() {
+        let tree = paths(&[&["k"], &["a", "b"]]);
+        let got = partial(
+            &tree,
+            r#"{"k":7,"pad":"xxxx","a":{"b":[1,2],"c":{"d":1}},"z":{"k":1}}"#,
+        );
+        assert_eq!(got, json!({"k": 7, "a": {"b": [1, 2]}}));
+    }
+
+    #[test]
+    fn later_duplicates_win_and_arrays_are_kept_whole() {
+        let tree = paths(&[&["k"], &["l", "1"]]);
+        let got = partial(&tree, r#"{"k":1,"l":[5,{"x":1}],"k":"two"}"#);
+        assert_eq!(got, json!({"k": "two", "l": [5, {"x": 1}]}));
+    }
+
+    #[test]
+    fn compact_text_is_told_from_text_with_whitespace_between_tokens() {
+        assert!(is_compact(r#"{"a":"x y\n","b":[1,2]}"#));
+        assert!(is_compact(r#"{"a":"say \" hi"}"#));
+        assert!(!is_compact(r#"{"a": 1}"#));
+        assert!(!is_compact("[1,\n2]"));
+        assert!(!is_compact(r#"{"a":"\\" ,"b":1}"#));
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-c ]{0,3}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-c0-2]", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_path_reads_what_the_whole_value_gives(
+            value in json_value(),
+            wanted in prop::collection::vec(prop::collection::vec("[a-c0-2]", 0..3), 0..4),
+        ) {
+            let tree = PathTree::of(wanted.iter().map(Vec::as_slice));
+            let text = serde_json::to_string(&value).unwrap();
+            let got = partial(&tree, &text);
+            for path in &wanted {
+                let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                prop_assert_eq!(at(&got, &path), at(&value, &path));
+            }
+        }
+    }
+}
