@@ -85,22 +85,10 @@ pub(super) fn is_compact(text: &str) -> bool {
     {
         return true;
     }
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-            return false;
-        }
-    }
-    true
+    let mut strings = super::Strings::default();
+    !bytes
+        .iter()
+        .any(|&b| strings.outside(b) && matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
 }
 
 /// Parses one JSON value, building only what a [`PathTree`] reads.

@@ -417,8 +417,7 @@ fn mapped(
         time,
         idempotency_key,
         correlation_id,
-        _,
-        _,
+        ..,
     ] = read;
     let id = required_string(id, &map.id)?;
     let event_type = required_string(event_type, &map.event_type)?;
@@ -508,23 +507,44 @@ fn openings(bytes: &[u8]) -> usize {
         .sum()
 }
 
+/// Where a scan of JSON text is: inside a string or not (quotes and escapes followed).
+#[derive(Default)]
+struct Strings {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// Steps over `b`: whether it is outside every string (a quote that opens or closes one,
+    /// or any byte within one, is not).
+    fn outside(&mut self, b: u8) -> bool {
+        if self.in_string {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
+                _ => {}
+            }
+            return false;
+        }
+        if b == b'"' {
+            self.in_string = true;
+            return false;
+        }
+        true
+    }
+}
+
 /// The deepest nesting of JSON arrays and objects in `bytes`, ignoring brackets inside strings.
 /// Runs on raw bytes, so it is safe on any input, JSON or not.
 pub fn nesting_depth(bytes: &[u8]) -> usize {
     let (mut depth, mut max) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
+    let mut strings = Strings::default();
     for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
+        if !strings.outside(b) {
             continue;
         }
         match b {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 max = max.max(depth);
@@ -663,12 +683,17 @@ mod tests {
         PathTree::of(owned.iter().map(Vec::as_slice))
     }
 
-    #[test]
-    fn compact_data_keeps_its_text_and_only_the_fields_read() {
-        let decoder = Decoder {
+    /// A decoder as `latest` keyed by `{data.k}` has.
+    fn text_decoder() -> Decoder {
+        Decoder {
             data: DataParse::PathsAndText(paths(&["k"])),
             ..Decoder::default()
-        };
+        }
+    }
+
+    #[test]
+    fn compact_data_keeps_its_text_and_only_the_fields_read() {
+        let decoder = text_decoder();
         let payload = br#"{"specversion":"1.0","id":"e1","source":"s","type":"t",
             "data":{"z":"a b","k":7,"pad":[1,2]}}"#;
         let event = decoder.decode(payload).unwrap();
@@ -679,10 +704,7 @@ mod tests {
 
     #[test]
     fn data_with_whitespace_is_parsed_whole_and_keeps_no_text() {
-        let decoder = Decoder {
-            data: DataParse::PathsAndText(paths(&["k"])),
-            ..Decoder::default()
-        };
+        let decoder = text_decoder();
         let payload = br#"{"specversion":"1.0","id":"e1","source":"s","type":"t",
             "data": {"z": 1, "k": 7}}"#;
         let event = decoder.decode(payload).unwrap();
