@@ -126,13 +126,13 @@ impl Spec {
             EnvelopeFormat::Cloudevents => Format::CloudEvents,
             EnvelopeFormat::Fields => Format::Fields(config.envelope.field_map()),
         };
+        let named = || key.parts().iter().chain(epoch.iter());
         // Built-in reducers read the data only: the envelope keeps what the templates name.
         let keep = if config.reducer == ReducerKind::Custom {
             Keep::All
         } else {
-            let named = key.parts().iter().chain(epoch.iter());
             Keep::Only(
-                named
+                named()
                     .filter_map(|part| match part {
                         Part::Field(name) => Some(name.clone()),
                         _ => None,
@@ -143,19 +143,16 @@ impl Spec {
         // What of the data is parsed: `merge` and custom reducers read all of it; `counter` the
         // templates' data fields and its sum field; `latest` the templates' fields, and stores
         // the data's text as it is.
-        let data_paths = || {
-            let named = key.parts().iter().chain(epoch.iter());
-            let paths = named.filter_map(|part| match part {
-                Part::Data(path) => Some(path.as_slice()),
-                _ => None,
-            });
-            PathTree::of(paths.chain(sum_path.as_deref()))
-        };
+        let data_paths = named().filter_map(|part| match part {
+            Part::Data(path) => Some(path.as_slice()),
+            _ => None,
+        });
+        let tree = PathTree::of(data_paths.chain(sum_path.as_deref()));
         let data = match config.reducer {
             ReducerKind::Merge | ReducerKind::Custom => DataParse::Full,
-            _ if data_paths().is_whole() => DataParse::Full,
-            ReducerKind::Latest => DataParse::PathsAndText(data_paths()),
-            ReducerKind::Counter => DataParse::Paths(data_paths()),
+            _ if tree.is_whole() => DataParse::Full,
+            ReducerKind::Latest => DataParse::PathsAndText(tree),
+            ReducerKind::Counter => DataParse::Paths(tree),
         };
         let dlq =
             DlqTemplate::parse(&config.dlq_subject).map_err(|e| format!("dlq_subject: {e}"))?;

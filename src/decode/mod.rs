@@ -29,13 +29,14 @@ pub struct Event {
     /// The correlation id from the envelope, when present.
     pub correlation_id: Option<String>,
     /// The event's data (`data` in CloudEvents); `null` when absent. With
-    /// [`DataParse::Paths`], only the fields the projection reads.
+    /// [`DataParse::Paths`] or [`DataParse::PathsAndText`], only the fields the projection
+    /// reads.
     pub data: Value,
     /// The data's JSON text as published, when the decoder keeps it
     /// ([`DataParse::PathsAndText`]) and it is compact.
     pub raw_data: Option<RawJson>,
     /// The other top-level fields of the envelope, for `{FIELD}` templates and custom reducers
-    /// (with [`Keep::Only`], the fields it names and those decoding reads).
+    /// (with [`Keep::Only`], only the fields it names).
     pub envelope: Map<String, Value>,
 }
 
@@ -131,8 +132,8 @@ pub enum Keep {
     /// Every field but the data (custom reducers may read any).
     #[default]
     All,
-    /// These (the fields the projection's templates name) and those decoding reads; the
-    /// others are skipped while parsing, never allocated.
+    /// These (the fields the projection's templates name); the fields decoding reads go to
+    /// the event's own fields, and the others are skipped while parsing, never allocated.
     Only(Vec<String>),
 }
 
