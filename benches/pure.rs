@@ -79,6 +79,12 @@ fn decode(c: &mut Criterion) {
     g.bench_function("e2e_bench_event", |b| {
         b.iter(|| decoder.decode(&bytes).unwrap())
     });
+    // What the applying thread does per event of a `latest` catch-up: decode (the data's
+    // text kept, only `k` parsed) and render the key.
+    let latest = spec_with("latest", "{data.k}", "");
+    g.bench_function("e2e_bench_event_latest_prepared", |b| {
+        b.iter(|| prepared(&latest, 1, &bytes, 1))
+    });
     g.finish();
 }
 

@@ -6,7 +6,6 @@
 //! it gives in the whole value (the same value, or missing); fields on no path are checked for
 //! syntax and skipped without allocating.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -18,8 +17,9 @@ use serde_json::{Map, Number, Value};
 pub struct PathTree {
     /// The whole value at this node is read (a path ends here).
     whole: bool,
-    /// The keys read below this node.
-    children: BTreeMap<String, PathTree>,
+    /// The keys read below this node, each once (a short list: a key is looked up by length
+    /// first, then bytes).
+    children: Vec<(String, PathTree)>,
 }
 
 impl PathTree {
@@ -28,7 +28,14 @@ impl PathTree {
         let mut root = PathTree::default();
         for path in paths {
             let node = path.iter().fold(&mut root, |node, segment| {
-                node.children.entry(segment.clone()).or_default()
+                let at = match node.children.iter().position(|(k, _)| k == segment) {
+                    Some(at) => at,
+                    None => {
+                        node.children.push((segment.clone(), PathTree::default()));
+                        node.children.len() - 1
+                    }
+                };
+                &mut node.children[at].1
             });
             node.whole = true;
         }
@@ -38,6 +45,13 @@ impl PathTree {
     /// Whether the whole data is read (`{data}`), so a partial parse would save nothing.
     pub fn is_whole(&self) -> bool {
         self.whole
+    }
+
+    fn child(&self, key: &str) -> Option<&PathTree> {
+        self.children
+            .iter()
+            .find(|(k, _)| k.len() == key.len() && k == key)
+            .map(|(_, child)| child)
     }
 }
 
@@ -78,11 +92,14 @@ impl RawJson {
 /// Whether `text` has no whitespace between its tokens (whitespace inside strings is data).
 pub(super) fn is_compact(text: &str) -> bool {
     let bytes = text.as_bytes();
-    // Most data has no whitespace byte at all.
-    if !bytes
-        .iter()
-        .any(|&b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
-    {
+    // Most data has no whitespace byte at all. JSON text has no raw byte below a space (control
+    // characters are escaped in strings), so a byte at or below it is a whitespace byte; the
+    // check runs a chunk at a time, which the compiler vectorizes.
+    let blank = |b: &u8| *b <= b' ';
+    let mut chunks = bytes.chunks_exact(32);
+    let any_blank = chunks.any(|c| c.iter().fold(false, |seen, b| seen | blank(b)))
+        || chunks.remainder().iter().any(blank);
+    if !any_blank {
         return true;
     }
     let mut strings = super::Strings::default();
@@ -146,7 +163,7 @@ impl<'de> Visitor<'de> for Partial<'_> {
         let mut map = Map::new();
         // Later duplicates win, as in a parsed `Value`.
         while let Some(key) = access.next_key::<std::borrow::Cow<'de, str>>()? {
-            match self.0.children.get(key.as_ref()) {
+            match self.0.child(key.as_ref()) {
                 Some(child) => {
                     let value = access.next_value_seed(Partial(child))?;
                     map.insert(key.into_owned(), value);
@@ -232,6 +249,17 @@ mod tests {
     }
 
     proptest! {
+        /// Compact serializations are compact; a pretty one is exactly when it is the same
+        /// text (no container with members to indent), spaces inside strings included.
+        #[test]
+        fn compact_text_is_told_apart_at_any_length(value in json_value(), pad in 0usize..80) {
+            let value = json!({"pad": " ".repeat(pad), "v": value});
+            let compact = serde_json::to_string(&value).unwrap();
+            prop_assert!(is_compact(&compact));
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            prop_assert_eq!(is_compact(&pretty), pretty == compact);
+        }
+
         #[test]
         fn every_path_reads_what_the_whole_value_gives(
             value in json_value(),

@@ -502,10 +502,15 @@ pub fn correlation_id(
 
 /// The opening brackets (`{` and `[`) of a payload, strings included: a bound on its depth.
 fn openings(bytes: &[u8]) -> usize {
-    bytes
-        .iter()
-        .map(|&b| usize::from(b == b'{' || b == b'['))
-        .sum()
+    let is_opening = |b: &u8| *b == b'{' || *b == b'[';
+    // Counted in bytes per chunk of 64 (no overflow): the compiler vectorizes that loop
+    // 32 bytes at a time, where a word-sized count moved 2 bytes a step.
+    let mut chunks = bytes.chunks_exact(64);
+    let mut count = 0usize;
+    for chunk in &mut chunks {
+        count += usize::from(chunk.iter().fold(0u8, |n, b| n + u8::from(is_opening(b))));
+    }
+    count + chunks.remainder().iter().filter(|b| is_opening(b)).count()
 }
 
 /// Where a scan of JSON text is: inside a string or not (quotes and escapes followed).
@@ -764,6 +769,15 @@ mod tests {
                 prop::sample::select(b"{}[]\"\\a1,:".to_vec()), 0..300),
         ) {
             prop_assert!(openings(&bytes) >= nesting_depth(&bytes));
+        }
+
+        /// The chunked count is the plain count, chunk boundaries included.
+        #[test]
+        fn openings_count_every_opening_bracket(
+            bytes in proptest::collection::vec(prop::sample::select(b"{[a]}".to_vec()), 0..300),
+        ) {
+            let plain = bytes.iter().filter(|&&b| b == b'{' || b == b'[').count();
+            prop_assert_eq!(openings(&bytes), plain);
         }
 
         #[test]

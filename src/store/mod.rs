@@ -14,6 +14,7 @@ mod runs;
 pub use record::{Checkpoint, DeadNote, KvValue, Record};
 
 use std::collections::HashSet;
+use std::collections::hash_map::Entry;
 
 use foldhash::HashMap;
 use std::path::{Path, PathBuf};
@@ -636,19 +637,22 @@ impl Store {
                     }
                     Item::Event(p) => p,
                 };
-                if !working.contains_key(&p.key) {
-                    let stored = records
-                        .get(p.key.as_str())?
-                        .map(|v| decode::<Record>(v.value()))
-                        .transpose()?;
-                    let mut w = Working::from_record(stored);
-                    if let Some(rev) = confirmed_revisions.get(p.key.as_str()) {
-                        w.kv_revision = w.kv_revision.max(*rev);
+                // The key moves into the map (or is dropped when already there): one hash
+                // and no copy per event.
+                let w = match working.entry(std::mem::take(&mut p.key)) {
+                    Entry::Occupied(entry) => entry.into_mut(),
+                    Entry::Vacant(entry) => {
+                        let key = entry.key().as_str();
+                        let stored = records
+                            .get(key)?
+                            .map(|v| decode::<Record>(v.value()))
+                            .transpose()?;
+                        let mut w = Working::from_record(stored);
+                        if let Some(rev) = confirmed_revisions.get(key) {
+                            w.kv_revision = w.kv_revision.max(*rev);
+                        }
+                        entry.insert(w)
                     }
-                    working.insert(p.key.clone(), w);
-                }
-                let Some(w) = working.get_mut(&p.key) else {
-                    continue;
                 };
                 if p.seq <= w.seq {
                     applied.outcomes.push(Outcome::Duplicate);
