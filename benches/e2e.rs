@@ -157,8 +157,16 @@ async fn bench_durable(
 }
 
 /// Ceiling 1: a durable pull consumer draining and acking every message.
-async fn consume_ceiling(js: &jetstream::Context, stream: &str, events: usize) -> f64 {
+/// Returns messages/s, and the CPU per message of this process (the client) and nats-server.
+async fn consume_ceiling(
+    server: &NatsServer,
+    js: &jetstream::Context,
+    stream: &str,
+    events: usize,
+) -> (f64, f64, f64) {
     let (stream, name, consumer) = bench_durable(js, stream, "ceiling").await;
+    let pids = (std::process::id(), server.pid().unwrap_or(0));
+    let cpu_before = (cpu_us(pids.0), cpu_us(pids.1));
     let started = Instant::now();
     let mut messages = consumer
         .stream()
@@ -173,9 +181,14 @@ async fn consume_ceiling(js: &jetstream::Context, stream: &str, events: usize) -
         seen += 1;
     }
     let rate = seen as f64 / started.elapsed().as_secs_f64();
+    let per_message = |before: u64, pid: u32| (cpu_us(pid) - before) as f64 / seen as f64;
+    let cpu = (
+        per_message(cpu_before.0, pids.0),
+        per_message(cpu_before.1, pids.1),
+    );
     drop(messages);
     let _ = stream.delete_consumer(&name).await;
-    rate
+    (rate, cpu.0, cpu.1)
 }
 
 /// Ceiling 2: compare-and-set KV writes of `keys` distinct keys, 256 in flight.
@@ -706,13 +719,24 @@ async fn main() {
     } else {
         o.runs
     };
-    let mut consume_runs = vec![1.0];
+    let (mut consume_runs, mut client_cpu, mut server_cpu) = (vec![1.0], vec![], vec![]);
     for _ in 0..ceilings {
-        consume_runs.push(consume_ceiling(&js, "K10K", o.events).await);
+        let (rate, client, server) = consume_ceiling(&server, &js, "K10K", o.events).await;
+        consume_runs.push(rate);
+        client_cpu.push(client);
+        server_cpu.push(server);
     }
     let consume = median(consume_runs);
+    let (client_cpu, server_cpu) = if ceilings > 0 {
+        (median(client_cpu), median(server_cpu))
+    } else {
+        (0.0, 0.0)
+    };
     rows.push((
-        "ceiling: pull consume + ack every message".into(),
+        format!(
+            "ceiling: pull consume + ack every message (CPU/msg {client_cpu:.1} client + \
+             {server_cpu:.1} us nats-server)"
+        ),
         consume,
         "msg/s".into(),
         None,
@@ -746,6 +770,10 @@ async fn main() {
     ));
     report.insert("naive_loop".into(), json!(naive));
     report.insert("consume_ack_ceiling".into(), json!(consume));
+    report.insert(
+        "consume_ack_ceiling_cpu_us_per_msg".into(),
+        json!({"client": client_cpu, "server": server_cpu}),
+    );
     report.insert("kv_cas_ceiling".into(), json!(kv_ceilings));
     eprintln!("ceilings measured");
 
