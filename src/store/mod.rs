@@ -11,6 +11,7 @@ mod filter;
 mod record;
 mod runs;
 
+use record::RecordRef;
 pub use record::{Checkpoint, DeadNote, KvValue, Record};
 
 use std::collections::HashSet;
@@ -318,6 +319,10 @@ enum Slot {
     Raw(Vec<u8>),
     /// Parsed (and possibly changed) state.
     Parsed(Value),
+    /// The stored state, not read: the reducer does not need it. Only a key that stays
+    /// unchanged keeps it (an applied event replaces the slot), and unchanged keys are not
+    /// written back.
+    Unread,
 }
 
 struct Working {
@@ -330,12 +335,22 @@ struct Working {
 }
 
 impl Working {
-    fn from_record(record: Option<Record>) -> Working {
+    /// The working copy of a stored record; its state and event id are copied only when
+    /// `needs_state` (otherwise the first applied event replaces both).
+    fn from_stored(record: Option<RecordRef<'_>>, needs_state: bool) -> Working {
         match record {
             Some(r) => Working {
-                slot: r.state.map_or(Slot::Empty, Slot::Raw),
+                slot: match r.state {
+                    None => Slot::Empty,
+                    Some(state) if needs_state => Slot::Raw(state.to_vec()),
+                    Some(_) => Slot::Unread,
+                },
                 seq: r.seq,
-                event_id: r.event_id,
+                event_id: if needs_state {
+                    r.event_id.to_owned()
+                } else {
+                    String::new()
+                },
                 epoch: r.epoch,
                 kv_revision: r.kv_revision,
                 dirty: false,
@@ -355,6 +370,9 @@ impl Working {
         match std::mem::replace(&mut self.slot, Slot::Empty) {
             Slot::Empty => Ok(None),
             Slot::Parsed(v) => Ok(Some(v)),
+            Slot::Unread => Err(StoreError::Other(
+                "internal: a state that was not read was needed".into(),
+            )),
             Slot::Raw(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| StoreError::Corrupted(format!("stored state is not JSON: {e}"))),
@@ -367,6 +385,12 @@ impl Working {
             Slot::Raw(bytes) => Some(bytes),
             Slot::Parsed(value) => {
                 Some(serde_json::to_vec(&value).map_err(|e| StoreError::Other(e.to_string()))?)
+            }
+            // Never written back: an unchanged key is not dirty.
+            Slot::Unread => {
+                return Err(StoreError::Other(
+                    "internal: a key whose state was not read was to be written".into(),
+                ));
             }
         };
         Ok(Record {
@@ -410,6 +434,13 @@ fn lock_or_forget<T: Default>(cache: &Mutex<T>) -> MutexGuard<'_, T> {
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     bincode::serde::encode_to_vec(value, bincode::config::standard())
         .map_err(|e| StoreError::Other(format!("encode: {e}")))
+}
+
+/// Decodes a record in place (borrowing from `bytes`).
+fn decode_ref(bytes: &[u8]) -> Result<RecordRef<'_>, StoreError> {
+    bincode::serde::borrow_decode_from_slice(bytes, bincode::config::standard())
+        .map(|(value, _)| value)
+        .map_err(|e| StoreError::Corrupted(format!("undecodable record: {e}")))
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
@@ -643,11 +674,12 @@ impl Store {
                     Entry::Occupied(entry) => entry.into_mut(),
                     Entry::Vacant(entry) => {
                         let key = entry.key().as_str();
-                        let stored = records
-                            .get(key)?
-                            .map(|v| decode::<Record>(v.value()))
-                            .transpose()?;
-                        let mut w = Working::from_record(stored);
+                        let mut w = match records.get(key)? {
+                            Some(v) => {
+                                Working::from_stored(Some(decode_ref(v.value())?), needs_state)
+                            }
+                            None => Working::from_stored(None, needs_state),
+                        };
                         if let Some(rev) = confirmed_revisions.get(key) {
                             w.kv_revision = w.kv_revision.max(*rev);
                         }

@@ -61,6 +61,24 @@ impl Record {
 
 /// `Option<Vec<u8>>` as one byte string instead of a sequence of `u8`s: the same bincode
 /// bytes (a length, then the bytes), encoded and decoded in one copy instead of byte by byte.
+/// A stored [`Record`] read in place: its state and event id borrowed from the stored bytes.
+/// Same encoding as [`Record`].
+#[derive(Debug, Deserialize)]
+pub(crate) struct RecordRef<'a> {
+    /// The state as JSON bytes, or `None` for a deleted key.
+    #[serde(borrow)]
+    pub state: Option<&'a [u8]>,
+    /// The stream sequence of the last applied event.
+    pub seq: u64,
+    /// The envelope id of the last applied event.
+    #[serde(borrow)]
+    pub event_id: &'a str,
+    /// The highest epoch applied to the key.
+    pub epoch: Option<u64>,
+    /// The KV revision last known for the key.
+    pub kv_revision: u64,
+}
+
 mod optional_bytes {
     use serde::de::{Deserializer, SeqAccess, Visitor};
     use serde::ser::Serializer;

@@ -242,3 +242,61 @@ fn a_format_1_store_is_upgraded_and_a_newer_one_refused() {
         Err(StoreError::Format { found }) if found == FORMAT_VERSION + 1
     ));
 }
+
+#[test]
+fn a_record_read_in_place_is_the_record_stored() {
+    for state in [
+        Some(br#"{"a":"\u00e9 x"}"#.to_vec()),
+        Some(Vec::new()),
+        None,
+    ] {
+        let record = Record {
+            state: state.clone(),
+            seq: 300,
+            event_id: "évt-1".into(),
+            epoch: Some(7),
+            kv_revision: 1 << 40,
+        };
+        let bytes = encode(&record).unwrap();
+        let read = decode_ref(&bytes).unwrap();
+        assert_eq!(read.state, state.as_deref());
+        assert_eq!(
+            (read.seq, read.event_id, read.epoch, read.kv_revision),
+            (300, "évt-1", Some(7), 1 << 40)
+        );
+    }
+}
+
+/// A key left unchanged by a batch (a duplicate, a stale epoch) keeps its stored state and
+/// event id, whether or not the reducer reads the state; a changed one gets the new ones.
+#[test]
+fn unchanged_keys_keep_their_state_and_changed_ones_are_rewritten() {
+    for reducer in ["latest", "merge", "counter"] {
+        let spec = spec_for(reducer, "");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 8).unwrap();
+        let first = vec![
+            item(&spec, 1, 1, "e1", serde_json::json!({"k": "a", "v": 1})),
+            item(&spec, 2, 2, "e2", serde_json::json!({"k": "b", "v": 2})),
+        ];
+        outcomes(&store, &spec, first);
+        let before = store.record(&spec.namespace, "a").unwrap().unwrap();
+        // Seq 1 again (a duplicate of a) and a new event for b.
+        let second = vec![
+            item(&spec, 1, 1, "e1", serde_json::json!({"k": "a", "v": 1})),
+            item(&spec, 3, 3, "e3", serde_json::json!({"k": "b", "v": 3})),
+        ];
+        let got = outcomes(&store, &spec, second);
+        assert!(
+            matches!(got[..], [Outcome::Duplicate, Outcome::Applied]),
+            "{reducer}"
+        );
+        assert_eq!(
+            store.record(&spec.namespace, "a").unwrap().unwrap(),
+            before,
+            "{reducer}"
+        );
+        let b = store.record(&spec.namespace, "b").unwrap().unwrap();
+        assert_eq!((b.seq, b.event_id.as_str()), (3, "e3"), "{reducer}");
+    }
+}
