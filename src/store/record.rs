@@ -59,8 +59,6 @@ impl Record {
     }
 }
 
-/// `Option<Vec<u8>>` as one byte string instead of a sequence of `u8`s: the same bincode
-/// bytes (a length, then the bytes), encoded and decoded in one copy instead of byte by byte.
 /// A stored [`Record`] read in place: its state and event id borrowed from the stored bytes.
 /// Same encoding as [`Record`].
 #[derive(Debug, Deserialize)]
@@ -79,6 +77,8 @@ pub(crate) struct RecordRef<'a> {
     pub kv_revision: u64,
 }
 
+/// `Option<Vec<u8>>` as one byte string instead of a sequence of `u8`s: the same bincode
+/// bytes (a length, then the bytes), encoded and decoded in one copy instead of byte by byte.
 mod optional_bytes {
     use serde::de::{Deserializer, SeqAccess, Visitor};
     use serde::ser::Serializer;
