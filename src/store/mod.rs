@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::decode::{ErrorCode, Poison};
@@ -436,15 +436,9 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
         .map_err(|e| StoreError::Other(format!("encode: {e}")))
 }
 
-/// Decodes a record in place (borrowing from `bytes`).
-fn decode_ref(bytes: &[u8]) -> Result<RecordRef<'_>, StoreError> {
+/// Decodes a stored value; a borrowing type (such as [`RecordRef`]) borrows from `bytes`.
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
     bincode::serde::borrow_decode_from_slice(bytes, bincode::config::standard())
-        .map(|(value, _)| value)
-        .map_err(|e| StoreError::Corrupted(format!("undecodable record: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
         .map(|(value, _)| value)
         .map_err(|e| StoreError::Corrupted(format!("undecodable record: {e}")))
 }
@@ -674,12 +668,9 @@ impl Store {
                     Entry::Occupied(entry) => entry.into_mut(),
                     Entry::Vacant(entry) => {
                         let key = entry.key().as_str();
-                        let mut w = match records.get(key)? {
-                            Some(v) => {
-                                Working::from_stored(Some(decode_ref(v.value())?), needs_state)
-                            }
-                            None => Working::from_stored(None, needs_state),
-                        };
+                        let stored = records.get(key)?;
+                        let stored = stored.as_ref().map(|v| decode(v.value())).transpose()?;
+                        let mut w = Working::from_stored(stored, needs_state);
                         if let Some(rev) = confirmed_revisions.get(key) {
                             w.kv_revision = w.kv_revision.max(*rev);
                         }

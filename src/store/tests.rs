@@ -258,7 +258,7 @@ fn a_record_read_in_place_is_the_record_stored() {
             kv_revision: 1 << 40,
         };
         let bytes = encode(&record).unwrap();
-        let read = decode_ref(&bytes).unwrap();
+        let read: RecordRef<'_> = decode(&bytes).unwrap();
         assert_eq!(read.state, state.as_deref());
         assert_eq!(
             (read.seq, read.event_id, read.epoch, read.kv_revision),
