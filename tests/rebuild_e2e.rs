@@ -118,8 +118,10 @@ async fn rebuild_with_a_changed_reducer_promotes_without_an_outage() {
 
     // Readers: always resolve the alias, and must always find every key.
     let stop = Arc::new(AtomicBool::new(false));
+    // Reads completed so far (the test waits for reads that start after the promotion).
+    let done_reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reader = {
-        let (js, stop) = (js.clone(), stop.clone());
+        let (js, stop, done_reads) = (js.clone(), stop.clone(), done_reads.clone());
         tokio::spawn(async move {
             let mut reads = 0;
             let mut buckets = Vec::new();
@@ -139,6 +141,7 @@ async fn rebuild_with_a_changed_reducer_promotes_without_an_outage() {
                     buckets.push(bucket);
                 }
                 reads += 1;
+                done_reads.store(reads, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Ok((reads, buckets))
@@ -180,6 +183,15 @@ async fn rebuild_with_a_changed_reducer_promotes_without_an_outage() {
     publisher.await.unwrap();
     wait_drained(&js, "DOCS", "projector__docs_v1", Duration::from_secs(60)).await;
     wait_drained(&js, "DOCS", "projector__docs_v2", Duration::from_secs(60)).await;
+    // Readers must follow the promotion: let them finish two reads that began after it (both
+    // durables can be drained already when the CLI returns).
+    let promoted_at = done_reads.load(Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while done_reads.load(Ordering::SeqCst) < promoted_at + 2
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::SeqCst);
     let (reads, buckets) = match reader.await.unwrap() {
         Ok(seen) => seen,
