@@ -306,20 +306,30 @@ struct Catchup {
 }
 
 /// CPU time (user + system) a process has used so far, microseconds.
-fn cpu_us(pid: u32) -> u64 {
+/// Fields `from..from + n` of `/proc/<pid>/stat`, counted from the state (the 3rd field).
+fn stat_fields(pid: u32, from: usize, n: usize) -> Vec<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): state is the 3rd field, utime
-    // and stime the 14th and 15th.
+    // Fields after the command name (which may hold spaces).
     let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
+    rest.split_whitespace()
+        .skip(from)
+        .take(n)
         .filter_map(|f| f.parse().ok())
-        .collect();
+        .collect()
+}
+
+fn cpu_us(pid: u32) -> u64 {
+    // utime and stime: the 14th and 15th fields.
+    let fields = stat_fields(pid, 11, 2);
     // SAFETY: sysconf only reads a configuration value.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     fields.iter().sum::<u64>() * 1_000_000 / ticks
+}
+
+/// Minor page faults so far (the 10th field): each is a fresh page zeroed, several
+/// microseconds on a virtual machine.
+fn minor_faults(pid: u32) -> u64 {
+    stat_fields(pid, 7, 1).first().copied().unwrap_or(0)
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -398,9 +408,20 @@ async fn catchup(
         let graph = std::env::var("BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into());
         // BENCH_PERF_FREQ: samples per second (499 by default).
         let freq = std::env::var("BENCH_PERF_FREQ").unwrap_or_else(|_| "499".into());
-        let mut args: Vec<String> = ["record", "-F", &freq, "--call-graph", &graph, "-o", &out]
+        // BENCH_PERF_PERIOD: one sample every that many events instead (`1` with
+        // `BENCH_PERF_EVENT=page-faults`: every fault).
+        let (rate, every) = match std::env::var("BENCH_PERF_PERIOD") {
+            Ok(period) => ("-c", period),
+            Err(_) => ("-F", freq),
+        };
+        let mut args: Vec<String> = ["record", rate, &every, "--call-graph", &graph, "-o", &out]
             .map(String::from)
             .to_vec();
+        // BENCH_PERF_EVENT: another event to sample (`page-faults` finds what touches fresh
+        // memory).
+        if let Ok(event) = std::env::var("BENCH_PERF_EVENT") {
+            args.extend(["-e".to_string(), event]);
+        }
         if std::env::var_os("BENCH_PERF_ALL").is_some() {
             args.extend(["-a", "--", "sleep", "3600"].map(String::from));
         } else {
@@ -422,6 +443,7 @@ async fn catchup(
     let started = Instant::now();
     let server_pid = server.pid().unwrap_or(0);
     let cpu_before = (cpu_us(pid), cpu_us(server_pid));
+    let faults_before = minor_faults(pid);
     loop {
         let info = stream_handle.consumer_info(&durable).await;
         if let Ok(info) = info {
@@ -438,6 +460,7 @@ async fn catchup(
     let per_event = |before: u64, after: u64| after.saturating_sub(before) as f64 / events as f64;
     let projector_cpu_us = per_event(cpu_before.0, cpu_us(pid));
     let server_cpu_us = per_event(cpu_before.1, cpu_us(server_pid));
+    let faults = per_event(faults_before, minor_faults(pid));
     let rss = rss_kib(pid, "VmHWM:") as f64 / 1024.0;
     if let Some(mut perf) = perf {
         let _ = std::process::Command::new("kill")
@@ -461,7 +484,8 @@ async fn catchup(
     eprintln!(
         "  {stream} {reducer} kv={}: {:.0} ev/s, {batches:.0} batches, mean {:.0} messages, \
          mean {:.2} ms fetch-to-ack, commits {:.0}% of the time, CPU per event \
-         {projector_cpu_us:.1} us projector + {server_cpu_us:.1} us nats-server",
+         {projector_cpu_us:.1} us projector + {server_cpu_us:.1} us nats-server, \
+         {faults:.3} page faults",
         kv_bucket.is_some(),
         events as f64 / elapsed,
         batched / batches.max(1.0),

@@ -74,3 +74,58 @@ async fn the_projector_survives_a_server_restart_mid_backlog() {
     );
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
+
+/// A frozen server (SIGSTOP past two heartbeat intervals, then SIGCONT) while the projector
+/// has nothing pending: only the missing heartbeats can tell the silence from a quiet stream.
+/// The pull subscription is re-created, and the events published after the thaw are applied:
+/// the store equals the oracle. Store only: with KV, the projector would be waiting on its KV
+/// writes, not on the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_is_noticed_by_the_missing_heartbeats() {
+    let server = NatsServer::start();
+    let (mut events, expected) = fixture();
+    let later = events.split_off(4000);
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    publish_all(&js, events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let projection = FIXTURE_PROJECTION.replace("kv_bucket = \"orders_view\"\n", "");
+    assert!(!projection.contains("kv_bucket"));
+    let config = write_config(&server, dir.path(), port, &projection);
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[], &log);
+    wait_drained(
+        &js,
+        "ORDERS",
+        "projector__orders_v1",
+        Duration::from_secs(60),
+    )
+    .await;
+    let pid = server.pid().expect("the server runs") as libc::pid_t;
+    // SAFETY: signals a child process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // Heartbeats are asked for every 5 s; two missed ones end the subscription. The projector
+    // also spends 5 s of every 6 waiting on lag samples (consumer info) that time out, and
+    // notices the silence only when it next waits on its subscription: up to 18 s.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    publish_all(&js, later).await;
+    wait_drained(
+        &js,
+        "ORDERS",
+        "projector__orders_v1",
+        Duration::from_secs(60),
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(projector.terminate(), Some(0), "{text}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("no message or heartbeat for 10s"),
+        "the silence is named in the log:\n{text}\n{}",
+        server.log_tail(20)
+    );
+    assert_fixture_store(&dir.path().join("store.redb"), &expected);
+}

@@ -1,6 +1,10 @@
 //! Consuming: the NATS connection, binding (or creating) the durable pull consumer, the KV
 //! bucket and the DLQ stream, and assembling fetched messages into batches.
 
+mod subscription;
+
+pub use subscription::{Delivery, PullError, Subscription, parse_reply};
+
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -12,7 +16,6 @@ use async_nats::jetstream::{
 };
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AckMode, NatsConfig, StorageKind};
@@ -325,30 +328,6 @@ impl std::fmt::Debug for Incoming {
 }
 
 impl Incoming {
-    /// A message pulled from the durable; `None` without JetStream metadata.
-    pub fn pulled(message: jetstream::Message) -> Option<Incoming> {
-        let (seq, delivered, pending, publish_ms) = {
-            let info = message.info().ok()?;
-            (
-                info.stream_sequence,
-                info.delivered,
-                info.pending,
-                (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
-            )
-        };
-        let message = message.message;
-        Some(Incoming {
-            seq,
-            delivered,
-            pending,
-            publish_ms,
-            subject: message.subject,
-            headers: message.headers,
-            payload: message.payload,
-            reply: message.reply,
-        })
-    }
-
     /// A message read back from the stream.
     pub fn stored(message: StreamMessage) -> Incoming {
         Incoming {
@@ -405,7 +384,8 @@ const PULL_AHEAD: usize = 4;
 /// Turns the consumer's message stream into batches bounded by count and bytes.
 pub struct Source {
     consumer: PullConsumer,
-    messages: Option<pull::Stream>,
+    client: async_nats::Client,
+    messages: Option<Subscription>,
     batch: usize,
     batch_bytes: usize,
     /// Messages asked for per pull request: several batches, so that the server keeps
@@ -424,14 +404,22 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source over `consumer`, in batches of `batch` messages and `batch_bytes` at most.
-    pub fn new(consumer: PullConsumer, batch: usize, batch_bytes: usize, idle: Duration) -> Source {
+    /// A source over `consumer`, pulled through `client`, in batches of `batch` messages and
+    /// `batch_bytes` at most.
+    pub fn new(
+        consumer: PullConsumer,
+        client: async_nats::Client,
+        batch: usize,
+        batch_bytes: usize,
+        idle: Duration,
+    ) -> Source {
         let max_ack_pending = usize::try_from(consumer.cached_info().config.max_ack_pending)
             .ok()
             .filter(|&m| m > 0)
             .unwrap_or(usize::MAX);
         Source {
             consumer,
+            client,
             messages: None,
             batch,
             batch_bytes,
@@ -471,19 +459,20 @@ impl Source {
         std::mem::take(&mut self.rebound)
     }
 
-    async fn stream(&mut self) -> Result<&mut pull::Stream, NatsError> {
+    async fn stream(&mut self) -> Result<&mut Subscription, NatsError> {
         if self.messages.is_none() {
-            let stream = self
-                .consumer
-                .stream()
-                .max_messages_per_batch(self.pull)
-                .max_bytes_per_batch(self.batch_bytes.saturating_mul(PULL_AHEAD))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-                .map_err(|e| api("pull messages", e))?;
-            self.messages = Some(stream);
+            let info = self.consumer.cached_info();
+            let pull = Subscription::open(
+                &self.client,
+                &info.stream_name,
+                &info.name,
+                self.pull,
+                self.batch_bytes.saturating_mul(PULL_AHEAD),
+                Duration::from_secs(30),
+                Duration::from_secs(5),
+            )
+            .await?;
+            self.messages = Some(pull);
         }
         self.messages
             .as_mut()
@@ -516,10 +505,13 @@ impl Source {
                 Ok(Some(Ok(message))) => message,
             };
             self.ahead_bytes = first.payload.len();
-            self.ahead.extend(Incoming::pulled(first));
+            self.ahead.push(first);
         }
         let broken = self.take_buffered();
-        let batch = std::mem::take(&mut self.ahead);
+        // The next batch is likely the size of this one: sized up front, it is not grown
+        // (copied, and its fresh memory faulted in) a doubling at a time.
+        let next = Vec::with_capacity(self.ahead.len());
+        let batch = std::mem::replace(&mut self.ahead, next);
         self.ahead_bytes = 0;
         // After taking the batch: a re-bind drops what was gathered ahead.
         if broken {
@@ -539,7 +531,7 @@ impl Source {
         match stream.next().await {
             Some(Ok(message)) => {
                 self.ahead_bytes += message.payload.len();
-                self.ahead.extend(Incoming::pulled(message));
+                self.ahead.push(message);
                 if self.take_buffered() {
                     self.rebind();
                 }
@@ -559,12 +551,10 @@ impl Source {
             return false;
         };
         while self.ahead.len() < self.batch && self.ahead_bytes < self.batch_bytes {
-            // Unconstrained: tokio's cooperative budget (128 polls per task turn) would
-            // otherwise report an empty buffer and cut every batch at about 120 messages.
-            match tokio::task::unconstrained(stream.next()).now_or_never() {
+            match stream.try_next() {
                 Some(Some(Ok(message))) => {
                     self.ahead_bytes += message.payload.len();
-                    self.ahead.extend(Incoming::pulled(message));
+                    self.ahead.push(message);
                 }
                 Some(Some(Err(err))) => {
                     tracing::warn!(error = %err, "pull consumer error; re-binding");

@@ -178,7 +178,7 @@ impl Pipeline {
     async fn run_bound(&mut self, consumer: PullConsumer) -> Result<(), PipelineError> {
         let c = &self.spec.config;
         let idle = IDLE.min(c.lag_sample_interval);
-        let mut source = Source::new(consumer, c.batch, c.batch_bytes, idle);
+        let mut source = Source::new(consumer, self.js.client(), c.batch, c.batch_bytes, idle);
         loop {
             if source.rebound() && !self.recover(source.consumer()).await? {
                 break;
@@ -740,19 +740,26 @@ impl Pipeline {
         let max_deliver = self.spec.config.max_deliver;
         let is_last = |m: &Incoming| max_deliver > 0 && m.delivered >= max_deliver;
         let mut segments: VecDeque<(Vec<Incoming>, Mode)> = VecDeque::new();
-        let mut current = Vec::new();
-        for message in messages {
-            if is_last(&message) {
-                if !current.is_empty() {
-                    segments.push_back((std::mem::take(&mut current), Mode::Normal));
+        if messages.is_empty() {
+            return Ok(());
+        } else if !messages.iter().any(is_last) {
+            // The usual case: the batch is one segment, not copied message by message.
+            segments.push_back((messages, Mode::Normal));
+        } else {
+            let mut current = Vec::new();
+            for message in messages {
+                if is_last(&message) {
+                    if !current.is_empty() {
+                        segments.push_back((std::mem::take(&mut current), Mode::Normal));
+                    }
+                    segments.push_back((vec![message], Mode::LastDelivery));
+                } else {
+                    current.push(message);
                 }
-                segments.push_back((vec![message], Mode::LastDelivery));
-            } else {
-                current.push(message);
             }
-        }
-        if !current.is_empty() {
-            segments.push_back((current, Mode::Normal));
+            if !current.is_empty() {
+                segments.push_back((current, Mode::Normal));
+            }
         }
         while let Some((segment, mode)) = segments.pop_front() {
             self.process_segment(segment, mode, source.as_deref_mut())
