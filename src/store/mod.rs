@@ -414,6 +414,17 @@ pub struct Store {
     filters: Mutex<filter::Filters>,
     /// The index of the dedupe runs; used and changed only under a write transaction.
     run_index: Mutex<runs::RunIndex>,
+    /// A batch's working space, used only under a write transaction.
+    scratch: Mutex<Scratch>,
+}
+
+/// A batch's key map and its list of changed keys, kept (empty) between batches: the next
+/// batch reuses their memory instead of faulting in fresh pages (each is a few hundred KiB at
+/// catch-up batch sizes, freed and purged by the allocator otherwise).
+#[derive(Default)]
+struct Scratch {
+    working: HashMap<String, Working>,
+    dirty: Vec<(String, Working)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -457,6 +468,7 @@ impl Store {
             db: RwLock::new(Some(Arc::new(db))),
             filters: Mutex::default(),
             run_index: Mutex::default(),
+            scratch: Mutex::default(),
         };
         store.check_format()?;
         Ok(store)
@@ -570,6 +582,11 @@ impl Store {
         let txn = db.begin_write()?;
         let mut filters = self.filters();
         let mut run_index = self.run_index();
+        let mut scratch = lock_or_forget(&self.scratch);
+        let Scratch { working, dirty } = &mut *scratch;
+        // Empty unless a failed batch left entries behind.
+        working.clear();
+        dirty.clear();
         let mut applied = Applied {
             outcomes: Vec::with_capacity(items.len()),
             ..Applied::default()
@@ -616,8 +633,7 @@ impl Store {
                 .collect();
             let floor = checkpoint.acked_floor;
 
-            let mut working: HashMap<String, Working> =
-                HashMap::with_capacity_and_hasher(items.len(), Default::default());
+            working.reserve(items.len());
             let mut applied_count = 0u64;
             let needs_state = spec.reducer.needs_state();
             let infallible = spec.reducer.infallible();
@@ -760,10 +776,9 @@ impl Store {
             // Written in key order: neighbouring keys share B-tree pages, so a batch dirties
             // (and copies on write) fewer pages than in arrival order. KV writes follow the
             // same order (deterministic).
-            let mut dirty: Vec<(String, Working)> =
-                working.into_iter().filter(|(_, w)| w.dirty).collect();
+            dirty.extend(working.drain().filter(|(_, w)| w.dirty));
             dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            for (key, w) in dirty {
+            for (key, w) in dirty.drain(..) {
                 let record = w.into_record()?;
                 records.insert(key.as_str(), encode(&record)?.as_slice())?;
                 if with_kv {
