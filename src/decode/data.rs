@@ -50,7 +50,7 @@ impl PathTree {
     fn child(&self, key: &str) -> Option<&PathTree> {
         self.children
             .iter()
-            .find(|(k, _)| k.len() == key.len() && k == key)
+            .find(|(k, _)| super::same_name(k, key))
             .map(|(_, child)| child)
     }
 }
