@@ -325,7 +325,7 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
         let names = self.decoder.read_names();
         // Later duplicates win, as in a parsed `Value`.
         while let Some(name) = access.next_key::<std::borrow::Cow<'de, str>>()? {
-            if same_name(&name, &self.data_field) {
+            if same_name(&name, self.data_field) {
                 data = match &self.decoder.data {
                     DataParse::Full => Data::Parsed(access.next_value()?),
                     DataParse::Paths(tree) => {
