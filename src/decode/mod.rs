@@ -769,6 +769,13 @@ mod tests {
     }
 
     proptest! {
+        /// In-line name comparison is string equality (lengths, prefixes, non-ASCII).
+        #[test]
+        fn same_name_is_equality(a in "[a-dé]{0,6}", b in "[a-dé]{0,6}") {
+            prop_assert_eq!(same_name(&a, &b), a == b);
+            prop_assert!(same_name(&a, &a.clone()));
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Decoder::default().decode(&bytes);
