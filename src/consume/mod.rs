@@ -342,6 +342,21 @@ impl Incoming {
         }
     }
 
+    /// A delivered message of stream sequence `seq` (for tests of what consumes batches).
+    #[cfg(test)]
+    pub(crate) fn for_test(seq: u64, payload: &[u8]) -> Incoming {
+        Incoming {
+            seq,
+            delivered: 1,
+            pending: 0,
+            publish_ms: 1_700_000_000_000 + seq,
+            subject: Subject::from("orders.created"),
+            headers: None,
+            payload: Bytes::copy_from_slice(payload),
+            reply: None,
+        }
+    }
+
     /// Sends an ack of `kind` through `client` (nothing for messages read back from the
     /// stream). Errors are logged: an ack that never arrives only means a redelivery, which
     /// the store recognizes.
@@ -438,6 +453,12 @@ impl Source {
     /// The consumer.
     pub fn consumer(&mut self) -> &mut PullConsumer {
         &mut self.consumer
+    }
+
+    /// The messages gathered so far for the next batch, in delivery order (its start: the batch
+    /// [`Source::next_batch`] returns next begins with them, unless a re-bind drops them).
+    pub fn ahead(&self) -> &[Incoming] {
+        &self.ahead
     }
 
     /// Drops the message stream so the next fetch re-creates it (the watchdog's re-bind).

@@ -40,6 +40,9 @@ use effects::{Committed, Effects, Job};
 const IDLE: Duration = Duration::from_secs(1);
 /// KV writes awaiting their acks at once.
 const KV_IN_FLIGHT: usize = 1024;
+/// Messages gathered ahead that are decoded at a time while a batch is applied, between checks
+/// of whether the applying thread is done (so that it never waits long for the next batch).
+const DECODE_AHEAD_CHUNK: usize = 64;
 
 /// Why a pipeline stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,9 @@ pub struct Pipeline {
     last_snapshot_seq: u64,
     stream: Option<async_nats::jetstream::stream::Stream>,
     checkpoint: crate::store::Checkpoint,
+    /// The messages gathered ahead ([`Source::ahead`]), decoded while the previous batch was
+    /// applied: the next batch's first items, used only where their sequences match it.
+    ahead_items: Vec<Item>,
 }
 
 impl Pipeline {
@@ -136,6 +142,7 @@ impl Pipeline {
             last_snapshot_seq: 0,
             stream: None,
             checkpoint: crate::store::Checkpoint::default(),
+            ahead_items: Vec::new(),
         }
     }
 
@@ -740,11 +747,19 @@ impl Pipeline {
         let max_deliver = self.spec.config.max_deliver;
         let is_last = |m: &Incoming| max_deliver > 0 && m.delivered >= max_deliver;
         let mut segments: VecDeque<(Vec<Incoming>, Mode)> = VecDeque::new();
+        let decoded = std::mem::take(&mut self.ahead_items);
         if messages.is_empty() {
             return Ok(());
         } else if !messages.iter().any(is_last) {
             // The usual case: the batch is one segment, not copied message by message.
-            segments.push_back((messages, Mode::Normal));
+            // A stream sequence always holds the same message, and decoding depends on the
+            // message alone: an item decoded ahead is valid for any delivery of its sequence.
+            let valid = decoded.len() <= messages.len()
+                && decoded.iter().zip(&messages).all(|(i, m)| i.seq() == m.seq);
+            let decoded = if valid { decoded } else { Vec::new() };
+            return self
+                .process_segment(messages, Mode::Normal, source, decoded)
+                .await;
         } else {
             let mut current = Vec::new();
             for message in messages {
@@ -762,7 +777,7 @@ impl Pipeline {
             }
         }
         while let Some((segment, mode)) = segments.pop_front() {
-            self.process_segment(segment, mode, source.as_deref_mut())
+            self.process_segment(segment, mode, source.as_deref_mut(), Vec::new())
                 .await?;
             if self.cancel.is_cancelled() {
                 // Messages not yet processed are left unacked: redelivered to the next run.
@@ -772,12 +787,14 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Applies one segment end to end.
+    /// Applies one segment end to end; `decoded` holds the items of its first messages when
+    /// they were decoded ahead.
     async fn process_segment(
         &mut self,
         messages: Vec<Incoming>,
         mode: Mode,
         mut source: Option<&mut Source>,
+        mut decoded: Vec<Item>,
     ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let span = info_span!(
@@ -798,10 +815,10 @@ impl Pipeline {
             // Per-event log fields, captured only when someone listens at debug level.
             let debug = tracing::enabled!(tracing::Level::DEBUG);
             let batch = std::mem::take(&mut messages);
-            // Decoded on the thread that applies: the events are allocated and freed on one
-            // thread (the allocator's fast path), and the async workers stay free for I/O.
+            // Whatever was not decoded ahead is decoded on the thread that applies.
+            let decoded = std::mem::take(&mut decoded);
             let task = tokio::task::spawn_blocking(move || {
-                let (items, position) = items(&spec, created_ns, &batch);
+                let (items, position) = items(&spec, created_ns, &batch, decoded);
                 let described = debug.then(|| describe(&items, &batch));
                 let range = items
                     .first()
@@ -814,14 +831,21 @@ impl Pipeline {
                 // Messages arriving meanwhile become the next batch: the applying thread does
                 // not wait for this task to take them from the subscription. Once shutdown is
                 // requested nothing more is taken (the contract's drain stops fetching).
+                // They are also decoded here meanwhile, a chunk at a time, so that the applying
+                // thread only applies (decoding is a fifth of its work).
                 Some(source) => {
                     tokio::pin!(task);
                     let cancel = self.cancel.clone();
+                    let (spec, ahead) = (self.spec.clone(), &mut self.ahead_items);
                     loop {
+                        let undecoded = source.ahead().len() != ahead.len();
                         tokio::select! {
                             biased;
                             done = &mut task => break done,
                             () = source.gather(), if !cancel.is_cancelled() => {}
+                            () = std::future::ready(()), if undecoded => {
+                                decode_ahead(&spec, source.ahead(), ahead);
+                            }
                             () = cancel.cancelled(), if !cancel.is_cancelled() => {}
                         }
                     }
@@ -950,27 +974,53 @@ impl Pipeline {
     }
 }
 
-/// Decodes a batch: one item per message, and the position of its newest message.
+/// Decodes one message.
+fn decode(spec: &Spec, m: &Incoming) -> Item {
+    let view = MessageView {
+        seq: m.seq,
+        subject: m.subject.as_str(),
+        headers: m.headers.as_ref(),
+        payload: &m.payload,
+        publish_ms: m.publish_ms,
+    };
+    match spec.prepare(&view) {
+        Ok(prepared) => Item::Event(prepared),
+        Err(poison) => Item::Poison { seq: m.seq, poison },
+    }
+}
+
+/// Decodes up to [`DECODE_AHEAD_CHUNK`] more of the messages gathered ahead into `decoded`
+/// (the items of `ahead`'s first messages), starting over when `ahead` no longer starts with
+/// them (a re-bind dropped what was gathered).
+fn decode_ahead(spec: &Spec, ahead: &[Incoming], decoded: &mut Vec<Item>) {
+    let matches = decoded.len() <= ahead.len()
+        && decoded.last().map(Item::seq) == decoded.len().checked_sub(1).map(|i| ahead[i].seq);
+    if !matches {
+        decoded.clear();
+    }
+    let end = ahead.len().min(decoded.len() + DECODE_AHEAD_CHUNK);
+    decoded.extend(ahead[decoded.len()..end].iter().map(|m| decode(spec, m)));
+}
+
+/// Decodes a batch: one item per message (`decoded` already holds the items of its first
+/// messages), and the position of its newest message.
 fn items(
     spec: &Spec,
     stream_created_ns: i128,
     messages: &[Incoming],
+    mut decoded: Vec<Item>,
 ) -> (Vec<Item>, Option<Position>) {
-    let mut items = Vec::with_capacity(messages.len());
+    decoded.reserve(messages.len() - decoded.len().min(messages.len()));
+    let start = decoded.len();
+    let mut items = decoded;
+    items.extend(
+        messages[start.min(messages.len())..]
+            .iter()
+            .map(|m| decode(spec, m)),
+    );
     let mut newest: Option<(u64, u64, &Incoming)> = None;
     for m in messages {
         let (seq, publish_ms) = (m.seq, m.publish_ms);
-        let view = MessageView {
-            seq,
-            subject: m.subject.as_str(),
-            headers: m.headers.as_ref(),
-            payload: &m.payload,
-            publish_ms,
-        };
-        items.push(match spec.prepare(&view) {
-            Ok(prepared) => Item::Event(prepared),
-            Err(poison) => Item::Poison { seq, poison },
-        });
         if newest.is_none_or(|(s, _, _)| seq > s) {
             newest = Some((seq, publish_ms, m));
         }
@@ -1037,4 +1087,84 @@ enum Mode {
     Normal,
     /// One message on its last delivery: any failure dead-letters it.
     LastDelivery,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn spec() -> Spec {
+        let toml = "[[projection]]\nname = \"p\"\nstream = \"S\"\nkey = \"{data.k}\"\n\
+                    reducer = \"latest\"\n";
+        let config =
+            crate::config::Config::parse(toml, std::path::Path::new(".")).expect("a valid config");
+        Spec::compile(&config.projection[0], None).expect("a valid projection")
+    }
+
+    /// Stream message `seq`: a valid event of key `seq % 3`, or (every fifth) a poison one.
+    fn message(seq: u64) -> Incoming {
+        let payload = if seq % 5 == 0 {
+            b"{not json".to_vec()
+        } else {
+            format!(
+                r#"{{"specversion":"1.0","id":"e{seq}","source":"t","type":"t","data":{{"k":{}}}}}"#,
+                seq % 3
+            )
+            .into_bytes()
+        };
+        Incoming::for_test(seq, &payload)
+    }
+
+    fn described(items: &[Item]) -> Vec<String> {
+        items.iter().map(|i| format!("{i:?}")).collect()
+    }
+
+    proptest! {
+        /// Whatever arrives ahead in whatever steps, and whatever a re-bind drops meanwhile,
+        /// the items of a batch are those decoding it afresh would give.
+        #[test]
+        fn items_decoded_ahead_are_those_of_the_batch(
+            steps in proptest::collection::vec((0usize..150, 0usize..4, proptest::bool::weighted(0.1)), 1..12)
+        ) {
+            let spec = spec();
+            let (mut ahead, mut decoded, mut seq) = (Vec::new(), Vec::new(), 0u64);
+            for (arrive, rounds, rebind) in steps {
+                if rebind {
+                    // A re-bind drops what was gathered; redeliveries may start lower.
+                    ahead.clear();
+                    seq = seq.saturating_sub(40);
+                }
+                for _ in 0..arrive {
+                    seq += 1;
+                    ahead.push(message(seq));
+                }
+                for _ in 0..rounds {
+                    decode_ahead(&spec, &ahead, &mut decoded);
+                }
+            }
+            let valid = decoded.len() <= ahead.len()
+                && decoded.iter().zip(&ahead).all(|(i, m)| i.seq() == m.seq);
+            let decoded = if valid { decoded } else { Vec::new() };
+            let (fresh, fresh_position) = items(&spec, 0, &ahead, Vec::new());
+            let (got, position) = items(&spec, 0, &ahead, decoded);
+            prop_assert_eq!(described(&got), described(&fresh));
+            prop_assert_eq!(format!("{position:?}"), format!("{fresh_position:?}"));
+        }
+    }
+
+    #[test]
+    fn decoding_ahead_goes_a_chunk_at_a_time_and_starts_over_after_a_rebind() {
+        let spec = spec();
+        let mut ahead: Vec<Incoming> = (1..=100).map(message).collect();
+        let mut decoded = Vec::new();
+        decode_ahead(&spec, &ahead, &mut decoded);
+        assert_eq!(decoded.len(), DECODE_AHEAD_CHUNK);
+        decode_ahead(&spec, &ahead, &mut decoded);
+        assert_eq!(decoded.len(), 100);
+        ahead = (61..=70).map(message).collect();
+        decode_ahead(&spec, &ahead, &mut decoded);
+        let seqs: Vec<u64> = decoded.iter().map(Item::seq).collect();
+        assert_eq!(seqs, (61..=70).collect::<Vec<_>>());
+    }
 }
