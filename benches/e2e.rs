@@ -30,8 +30,8 @@ struct Options {
     steady_rate: u64,
     out: String,
     /// Runs only the catch-ups whose label (`latest/10000`, `store-only`) contains this (ends
-    /// with it, given a trailing `$`: `latest/100$`), and skips the ceilings and the steady run
-    /// (for profiling one case).
+    /// with it, given a trailing `$`: `latest/100$`; is it, given `^` and `$`:
+    /// `^store-only$`), and skips the ceilings and the steady run (for profiling one case).
     only: Option<String>,
     /// Measures the ceilings even with `--only` (for ratios).
     with_ceilings: bool,
@@ -731,12 +731,13 @@ async fn main() {
     eprintln!("backlogs published");
 
     let wanted = |label: &str| {
-        o.only
-            .as_ref()
-            .is_none_or(|only| match only.strip_suffix('$') {
-                Some(end) => label.ends_with(end),
-                None => label.contains(only.as_str()),
-            })
+        o.only.as_ref().is_none_or(
+            |only| match (only.strip_prefix('^'), only.strip_suffix('$')) {
+                (Some(exact), _) => exact.strip_suffix('$') == Some(label),
+                (None, Some(end)) => label.ends_with(end),
+                (None, None) => label.contains(only.as_str()),
+            },
+        )
     };
     let ceilings = if o.only.is_some() && !o.with_ceilings {
         0

@@ -345,9 +345,14 @@ pub async fn wait_drained(js: &jetstream::Context, stream: &str, durable: &str, 
     .await;
 }
 
-/// The `nats-projector` binary built for these tests.
+/// The `nats-projector` binary built for these tests (`NATS_PROJECTOR_BIN` names another: the
+/// end-to-end bench compares two builds that way).
 pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_nats-projector")
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        std::env::var("NATS_PROJECTOR_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_nats-projector").to_owned())
+    })
 }
 
 /// Runs a one-shot command of the binary; returns (exit code, stdout, stderr).
