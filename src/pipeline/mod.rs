@@ -103,6 +103,10 @@ pub struct Pipeline {
     /// The messages gathered ahead ([`Source::ahead`]), decoded while the previous batch was
     /// applied: the next batch's first items, used only where their sequences match it.
     ahead_items: Vec<Item>,
+    /// The items vector of the last applied batch, emptied: it holds the next batch's items
+    /// decoded ahead while that batch's own vector is applied (two vectors take turns, so
+    /// neither is grown, or its memory faulted in, batch after batch).
+    spare_items: Vec<Item>,
 }
 
 impl Pipeline {
@@ -143,6 +147,7 @@ impl Pipeline {
             stream: None,
             checkpoint: crate::store::Checkpoint::default(),
             ahead_items: Vec::new(),
+            spare_items: Vec::new(),
         }
     }
 
@@ -747,7 +752,8 @@ impl Pipeline {
         let max_deliver = self.spec.config.max_deliver;
         let is_last = |m: &Incoming| max_deliver > 0 && m.delivered >= max_deliver;
         let mut segments: VecDeque<(Vec<Incoming>, Mode)> = VecDeque::new();
-        let decoded = std::mem::take(&mut self.ahead_items);
+        let spare = std::mem::take(&mut self.spare_items);
+        let decoded = std::mem::replace(&mut self.ahead_items, spare);
         if messages.is_empty() {
             return Ok(());
         } else if !messages.iter().any(is_last) {
@@ -818,14 +824,14 @@ impl Pipeline {
             // Whatever was not decoded ahead is decoded on the thread that applies.
             let decoded = std::mem::take(&mut decoded);
             let task = tokio::task::spawn_blocking(move || {
-                let (items, position) = items(&spec, created_ns, &batch, decoded);
+                let (mut items, position) = items(&spec, created_ns, &batch, decoded);
                 let described = debug.then(|| describe(&items, &batch));
                 let range = items
                     .first()
                     .map(Item::seq)
                     .zip(position.as_ref().map(|p| p.seq));
-                let applied = store.apply(&spec, items, &house, position.as_ref());
-                (applied, house, batch, described, range)
+                let applied = store.apply_from(&spec, &mut items, &house, position.as_ref());
+                (applied, house, batch, described, range, items)
             });
             let result = match source.as_deref_mut() {
                 // Messages arriving meanwhile become the next batch: the applying thread does
@@ -852,8 +858,11 @@ impl Pipeline {
                 }
                 None => task.await,
             };
-            let result = result.map(|(applied, house, back, logs, range)| {
+            let result = result.map(|(applied, house, back, logs, range, emptied)| {
                 messages = back;
+                if emptied.capacity() > self.spare_items.capacity() {
+                    self.spare_items = emptied;
+                }
                 described = logs;
                 if let Some((first, last)) = range {
                     span.record("first_seq", first);

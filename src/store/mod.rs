@@ -565,7 +565,7 @@ impl Store {
     fn apply_unguarded(
         &self,
         spec: &Spec,
-        items: Vec<Item>,
+        items: &mut Vec<Item>,
         house: &Housekeeping,
         position: Option<&Position>,
         below_floor: BelowFloor,
@@ -652,7 +652,7 @@ impl Store {
             };
             // The next event's id hash is computed one event ahead, and its index slot
             // prefetched while this event is folded.
-            let mut items = items.into_iter().peekable();
+            let mut items = items.drain(..).peekable();
             let mut next_hash = None;
             while let Some(item) = items.next() {
                 let this_hash = next_hash.take();
@@ -989,20 +989,35 @@ impl Store {
     pub fn apply(
         &self,
         spec: &Spec,
-        items: Vec<Item>,
+        mut items: Vec<Item>,
         house: &Housekeeping,
         position: Option<&Position>,
     ) -> Result<Applied, StoreError> {
-        guard(|| self.apply_unguarded(spec, items, house, position, BelowFloor::Skip))
+        self.apply_from(spec, &mut items, house, position)
+    }
+
+    /// Like [`Store::apply`], taking the items out of `items` and leaving it empty with its
+    /// capacity: the caller fills it again for a later batch (no fresh memory to fault in).
+    pub fn apply_from(
+        &self,
+        spec: &Spec,
+        items: &mut Vec<Item>,
+        house: &Housekeeping,
+        position: Option<&Position>,
+    ) -> Result<Applied, StoreError> {
+        let applied =
+            guard(|| self.apply_unguarded(spec, &mut *items, house, position, BelowFloor::Skip));
+        items.clear();
+        applied
     }
 
     /// Applies events of a bounded replay (a backfill): like [`Store::apply`], but events at or
     /// below the ack floor are not presumed processed (a durable that started late never
     /// delivered them); the per-key sequence guards, dedupe markers and epochs still decide.
     /// The checkpoint does not move.
-    pub fn backfill(&self, spec: &Spec, items: Vec<Item>) -> Result<Applied, StoreError> {
+    pub fn backfill(&self, spec: &Spec, mut items: Vec<Item>) -> Result<Applied, StoreError> {
         let house = Housekeeping::default();
-        guard(|| self.apply_unguarded(spec, items, &house, None, BelowFloor::Apply))
+        guard(|| self.apply_unguarded(spec, &mut items, &house, None, BelowFloor::Apply))
     }
 
     /// Folds confirmations into the store on their own; returns the outbox size.

@@ -300,3 +300,36 @@ fn unchanged_keys_keep_their_state_and_changed_ones_are_rewritten() {
         assert_eq!((b.seq, b.event_id.as_str()), (3, "e3"), "{reducer}");
     }
 }
+
+/// `apply_from` takes every item (the same outcomes as `apply`) and leaves the vector empty
+/// with its memory, ready for the next batch.
+#[test]
+fn apply_from_empties_the_items_and_keeps_their_memory() {
+    let spec = spec_for("latest", "");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb"), 4).unwrap();
+    let mut items = Vec::with_capacity(64);
+    for seq in 1..=3 {
+        items.push(item(
+            &spec,
+            seq,
+            seq,
+            &format!("e{seq}"),
+            serde_json::json!({"k": "a"}),
+        ));
+    }
+    let capacity = items.capacity();
+    let applied = store
+        .apply_from(&spec, &mut items, &Housekeeping::default(), None)
+        .unwrap();
+    assert_eq!(applied.outcomes, vec![Outcome::Applied; 3]);
+    assert!(items.is_empty());
+    assert_eq!(items.capacity(), capacity);
+    assert_eq!(store.record(&spec.namespace, "a").unwrap().unwrap().seq, 3);
+    items.push(item(&spec, 2, 2, "e2", serde_json::json!({"k": "a"})));
+    let applied = store
+        .apply_from(&spec, &mut items, &Housekeeping::default(), None)
+        .unwrap();
+    assert_eq!(applied.outcomes, vec![Outcome::Duplicate]);
+    assert!(items.is_empty());
+}
