@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consume;
 use crate::kv::{KvWriter, Written};
-use crate::spec::{MessageView, Spec};
+use crate::spec::Spec;
 use crate::store::{Housekeeping, Item, Outcome, Store};
 
 /// What to replay.
@@ -143,22 +143,7 @@ pub async fn run(
             break;
         };
         cursor = last;
-        let items: Vec<Item> = chunk
-            .iter()
-            .map(|m| {
-                let view = MessageView {
-                    seq: m.seq,
-                    subject: m.subject.as_str(),
-                    headers: m.headers.as_ref(),
-                    payload: &m.payload,
-                    publish_ms: m.publish_ms,
-                };
-                match spec.prepare(&view) {
-                    Ok(prepared) => Item::Event(prepared),
-                    Err(poison) => Item::Poison { seq: m.seq, poison },
-                }
-            })
-            .collect();
+        let items: Vec<Item> = chunk.iter().map(|m| m.item(spec)).collect();
         let (s, sp) = (store.clone(), spec.clone());
         let applied = tokio::task::spawn_blocking(move || s.backfill(&sp, items))
             .await

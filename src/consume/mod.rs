@@ -19,7 +19,8 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AckMode, NatsConfig, StorageKind};
-use crate::spec::Spec;
+use crate::spec::{MessageView, Spec};
+use crate::store::Item;
 
 /// Why talking to NATS failed.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +329,28 @@ impl std::fmt::Debug for Incoming {
 }
 
 impl Incoming {
+    /// The message as the pure steps see it.
+    pub fn view(&self) -> MessageView<'_> {
+        MessageView {
+            seq: self.seq,
+            subject: self.subject.as_str(),
+            headers: self.headers.as_ref(),
+            payload: &self.payload,
+            publish_ms: self.publish_ms,
+        }
+    }
+
+    /// The message decoded for the store: its event prepared, or why it is poison.
+    pub fn item(&self, spec: &Spec) -> Item {
+        match spec.prepare(&self.view()) {
+            Ok(prepared) => Item::Event(prepared),
+            Err(poison) => Item::Poison {
+                seq: self.seq,
+                poison,
+            },
+        }
+    }
+
     /// A message read back from the stream.
     pub fn stored(message: StreamMessage) -> Incoming {
         Incoming {

@@ -32,7 +32,7 @@ use crate::consume::{self, Fetched, Source};
 use crate::decode::{ErrorCode, Poison};
 use crate::kv::KvWriter;
 use crate::metrics::ProjectionMetrics;
-use crate::spec::{MessageView, Spec};
+use crate::spec::Spec;
 use crate::store::{Applied, Item, KvWrite, Outcome, Position, Store, StoreErrorKind};
 use effects::{Committed, Effects, Job};
 
@@ -983,21 +983,6 @@ impl Pipeline {
     }
 }
 
-/// Decodes one message.
-fn decode(spec: &Spec, m: &Incoming) -> Item {
-    let view = MessageView {
-        seq: m.seq,
-        subject: m.subject.as_str(),
-        headers: m.headers.as_ref(),
-        payload: &m.payload,
-        publish_ms: m.publish_ms,
-    };
-    match spec.prepare(&view) {
-        Ok(prepared) => Item::Event(prepared),
-        Err(poison) => Item::Poison { seq: m.seq, poison },
-    }
-}
-
 /// Decodes up to [`DECODE_AHEAD_CHUNK`] more of the messages gathered ahead into `decoded`
 /// (the items of `ahead`'s first messages), starting over when `ahead` no longer starts with
 /// them (a re-bind dropped what was gathered).
@@ -1008,7 +993,7 @@ fn decode_ahead(spec: &Spec, ahead: &[Incoming], decoded: &mut Vec<Item>) {
         decoded.clear();
     }
     let end = ahead.len().min(decoded.len() + DECODE_AHEAD_CHUNK);
-    decoded.extend(ahead[decoded.len()..end].iter().map(|m| decode(spec, m)));
+    decoded.extend(ahead[decoded.len()..end].iter().map(|m| m.item(spec)));
 }
 
 /// Decodes a batch: one item per message (`decoded` already holds the items of its first
@@ -1025,7 +1010,7 @@ fn items(
     items.extend(
         messages[start.min(messages.len())..]
             .iter()
-            .map(|m| decode(spec, m)),
+            .map(|m| m.item(spec)),
     );
     let mut newest: Option<(u64, u64, &Incoming)> = None;
     for m in messages {

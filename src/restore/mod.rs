@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::consume::{self, NatsError};
 use crate::pipeline::gap::{self, Gap};
-use crate::spec::{MessageView, Spec};
+use crate::spec::Spec;
 use crate::store::{Checkpoint, Contents, KvValue, Record};
 
 /// Messages read back to re-derive dedupe markers, at most.
@@ -216,14 +216,7 @@ async fn markers_before(
         };
         scanned += batch.len();
         for m in &batch {
-            let view = MessageView {
-                seq: m.seq,
-                subject: m.subject.as_str(),
-                headers: m.headers.as_ref(),
-                payload: &m.payload,
-                publish_ms: m.publish_ms,
-            };
-            if let Ok(prepared) = spec.prepare(&view) {
+            if let Ok(prepared) = spec.prepare(&m.view()) {
                 markers.push((
                     crate::store::dedupe_bucket(m.publish_ms, window),
                     prepared.event.dedupe_id().to_owned(),
