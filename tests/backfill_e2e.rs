@@ -36,13 +36,7 @@ async fn a_bounded_replay_backfills_what_a_late_durable_missed() {
     let config = write_config(&server, dir.path(), 0, FIXTURE_PROJECTION);
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(60)).await;
     assert_eq!(projector.terminate(), Some(0));
     let keys = expected["keys"].as_object().unwrap();
     // Keys with no message at all after 4900 (a re-published copy there would have been new

@@ -48,13 +48,7 @@ async fn crash_and_recover(point: &str, nth: u32) {
     );
 
     let projector = Child2::run(&config, &[], &log);
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(90),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(90)).await;
     assert_eq!(
         projector.terminate(),
         Some(0),

@@ -38,13 +38,7 @@ async fn a_failing_store_holds_the_batch_then_recovers() {
         saw_reason,
         "/readyz should say the store is unavailable while it fails"
     );
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(60)).await;
     let retried = metric(port, "projector_events_total", &[("outcome", "retried")]).await;
     assert!(
         retried.unwrap_or(0.0) >= 4.0,
@@ -157,13 +151,7 @@ async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(" 0 pending"), "{out}");
     let projector = Child2::run(&config, &[], &log);
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(60)).await;
     assert_eq!(projector.terminate(), Some(0));
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
@@ -214,13 +202,7 @@ async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
 
     let config = write_config(&server, dir.path(), port, FIXTURE_PROJECTION);
     let projector = Child2::run(&config, &[], &log);
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(60)).await;
     assert_eq!(projector.terminate(), Some(0));
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }

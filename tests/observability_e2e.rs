@@ -43,13 +43,7 @@ async fn metrics_pass_promtool_and_readyz_follows_catch_up() {
         metric(port, "projector_ready", &[("projection", "orders")]).await,
         Some(0.0)
     );
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(90),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(90)).await;
     eventually(
         Duration::from_secs(10),
         "/readyz 200 once caught up",

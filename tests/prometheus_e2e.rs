@@ -135,13 +135,7 @@ async fn every_dashboard_query_and_alert_rule_evaluates_against_a_real_prometheu
         })
         .collect();
     publish_all(&js, poison).await;
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(90),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(90)).await;
     let applied = expected["outcomes"]["applied"].as_f64().unwrap();
     let p = r#"{projection="orders"}"#;
     eventually(

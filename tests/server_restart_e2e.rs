@@ -53,13 +53,7 @@ async fn the_projector_survives_a_server_restart_mid_backlog() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.restart();
     let (_client, js) = server.jetstream().await;
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(120)).await;
     eventually(
         Duration::from_secs(20),
         "/readyz to be 200 again",
@@ -95,13 +89,7 @@ async fn a_frozen_server_is_noticed_by_the_missing_heartbeats() {
     let config = write_config(&server, dir.path(), port, &projection);
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(60)).await;
     let pid = server.pid().expect("the server runs") as libc::pid_t;
     // SAFETY: signals a child process this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
@@ -112,13 +100,7 @@ async fn a_frozen_server_is_noticed_by_the_missing_heartbeats() {
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     publish_all(&js, later).await;
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(60)).await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(projector.terminate(), Some(0), "{text}");
     let text = std::fs::read_to_string(&log).unwrap_or_default();

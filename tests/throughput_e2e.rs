@@ -34,13 +34,7 @@ async fn drain_fixture(projection: &str) -> Drained {
     let config = write_config(&server, dir.path(), port, projection);
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
-    wait_drained(
-        &js,
-        "ORDERS",
-        "projector__orders_v1",
-        Duration::from_secs(90),
-    )
-    .await;
+    wait_orders_drained(&js, Duration::from_secs(90)).await;
     Drained {
         _server: server,
         js,

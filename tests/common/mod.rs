@@ -326,6 +326,12 @@ impl InProcess {
     }
 }
 
+/// Waits until the fixture projection's durable (`projector__orders_v1` on `ORDERS`) has
+/// nothing pending or unacked.
+pub async fn wait_orders_drained(js: &jetstream::Context, timeout: Duration) {
+    wait_drained(js, "ORDERS", "projector__orders_v1", timeout).await;
+}
+
 /// Waits until the durable consumer has nothing pending or unacked (everything applied, in
 /// KV, and acked).
 pub async fn wait_drained(js: &jetstream::Context, stream: &str, durable: &str, timeout: Duration) {
