@@ -10,6 +10,7 @@
 //! later event of a key can overtake an earlier one. A message on its last delivery is
 //! processed alone, and dead-lettered if it still cannot be applied.
 
+mod applier;
 pub mod crash;
 mod effects;
 pub mod gap;
@@ -107,6 +108,8 @@ pub struct Pipeline {
     /// decoded ahead while that batch's own vector is applied (two vectors take turns, so
     /// neither is grown, or its memory faulted in, batch after batch).
     spare_items: Vec<Item>,
+    /// The thread that applies batches, started with the first one.
+    applier: Option<applier::Applier>,
 }
 
 impl Pipeline {
@@ -148,6 +151,7 @@ impl Pipeline {
             checkpoint: crate::store::Checkpoint::default(),
             ahead_items: Vec::new(),
             spare_items: Vec::new(),
+            applier: None,
         }
     }
 
@@ -469,6 +473,19 @@ impl Pipeline {
             }
             Ok(Err(err)) => warn!(error = %err, "automatic snapshot failed"),
             Err(err) => warn!(error = %err, "automatic snapshot failed"),
+        }
+    }
+
+    /// The thread that applies batches (started on first use).
+    fn applier(&mut self) -> Result<&applier::Applier, PipelineError> {
+        match &mut self.applier {
+            Some(applier) => Ok(applier),
+            slot => {
+                let started = applier::Applier::start("projector-apply").map_err(|e| {
+                    PipelineError::Fatal(format!("could not start the applying thread: {e}"))
+                })?;
+                Ok(slot.insert(started))
+            }
         }
     }
 
@@ -823,7 +840,7 @@ impl Pipeline {
             let batch = std::mem::take(&mut messages);
             // Whatever was not decoded ahead is decoded on the thread that applies.
             let decoded = std::mem::take(&mut decoded);
-            let task = tokio::task::spawn_blocking(move || {
+            let task = self.applier()?.run(move || {
                 let (mut items, position) = items(&spec, created_ns, &batch, decoded);
                 let described = debug.then(|| describe(&items, &batch));
                 let range = items
