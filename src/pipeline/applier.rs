@@ -19,7 +19,7 @@ pub enum ApplierError {
     /// The job panicked.
     #[error("the applying thread panicked: {0}")]
     Panicked(String),
-    /// The thread could not be started, or is gone.
+    /// The thread is gone.
     #[error("the applying thread is not running")]
     Stopped,
 }
@@ -78,9 +78,9 @@ mod tests {
     #[tokio::test]
     async fn jobs_run_in_order_on_one_named_thread_and_a_panic_is_an_error() {
         let applier = Applier::start("test-applier").unwrap();
-        let name = |_: ()| std::thread::current().name().map(str::to_owned);
-        let first = applier.run(move || name(())).await.unwrap();
-        let second = applier.run(move || name(())).await.unwrap();
+        let name = || std::thread::current().name().map(str::to_owned);
+        let first = applier.run(name).await.unwrap();
+        let second = applier.run(name).await.unwrap();
         assert_eq!(first.as_deref(), Some("test-applier"));
         assert_eq!(first, second);
         let id = applier.run(|| std::thread::current().id()).await.unwrap();

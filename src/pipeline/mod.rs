@@ -775,11 +775,6 @@ impl Pipeline {
             return Ok(());
         } else if !messages.iter().any(is_last) {
             // The usual case: the batch is one segment, not copied message by message.
-            // A stream sequence always holds the same message, and decoding depends on the
-            // message alone: an item decoded ahead is valid for any delivery of its sequence.
-            let valid = decoded.len() <= messages.len()
-                && decoded.iter().zip(&messages).all(|(i, m)| i.seq() == m.seq);
-            let decoded = if valid { decoded } else { Vec::new() };
             return self
                 .process_segment(messages, Mode::Normal, source, decoded)
                 .await;
@@ -810,8 +805,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Applies one segment end to end; `decoded` holds the items of its first messages when
-    /// they were decoded ahead.
+    /// Applies one segment end to end; `decoded` holds items decoded ahead (used where they are
+    /// the segment's first ones, see [`items`]).
     async fn process_segment(
         &mut self,
         messages: Vec<Incoming>,
@@ -1013,22 +1008,25 @@ fn decode_ahead(spec: &Spec, ahead: &[Incoming], decoded: &mut Vec<Item>) {
     decoded.extend(ahead[decoded.len()..end].iter().map(|m| m.item(spec)));
 }
 
-/// Decodes a batch: one item per message (`decoded` already holds the items of its first
-/// messages), and the position of its newest message.
+/// Decodes a batch: one item per message, and the position of its newest message. `decoded`
+/// holds items decoded ahead; they are kept only if they are those of the batch's first
+/// messages (its memory is reused either way).
 fn items(
     spec: &Spec,
     stream_created_ns: i128,
     messages: &[Incoming],
     mut decoded: Vec<Item>,
 ) -> (Vec<Item>, Option<Position>) {
-    decoded.reserve(messages.len() - decoded.len().min(messages.len()));
+    // A stream sequence always holds the same message, and decoding depends on the message
+    // alone: an item decoded ahead is valid for any delivery of its sequence.
+    let prefix = decoded.len() <= messages.len()
+        && decoded.iter().zip(messages).all(|(i, m)| i.seq() == m.seq);
+    if !prefix {
+        decoded.clear();
+    }
     let start = decoded.len();
     let mut items = decoded;
-    items.extend(
-        messages[start.min(messages.len())..]
-            .iter()
-            .map(|m| m.item(spec)),
-    );
+    items.extend(messages[start..].iter().map(|m| m.item(spec)));
     let mut newest: Option<(u64, u64, &Incoming)> = None;
     for m in messages {
         let (seq, publish_ms) = (m.seq, m.publish_ms);
@@ -1154,9 +1152,6 @@ mod tests {
                     decode_ahead(&spec, &ahead, &mut decoded);
                 }
             }
-            let valid = decoded.len() <= ahead.len()
-                && decoded.iter().zip(&ahead).all(|(i, m)| i.seq() == m.seq);
-            let decoded = if valid { decoded } else { Vec::new() };
             let (fresh, fresh_position) = items(&spec, 0, &ahead, Vec::new());
             let (got, position) = items(&spec, 0, &ahead, decoded);
             prop_assert_eq!(described(&got), described(&fresh));
