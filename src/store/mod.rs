@@ -15,7 +15,6 @@ use record::RecordRef;
 pub use record::{Checkpoint, DeadNote, KvValue, Record};
 
 use std::collections::HashSet;
-use std::collections::hash_map::Entry;
 
 use foldhash::HashMap;
 use std::path::{Path, PathBuf};
@@ -418,13 +417,17 @@ pub struct Store {
     scratch: Mutex<Scratch>,
 }
 
-/// A batch's key map and its list of changed keys, kept (empty) between batches: the next
-/// batch reuses their memory instead of faulting in fresh pages (each is a few hundred KiB at
+/// A batch's keys and working records, kept (empty) between batches: the next batch reuses
+/// their memory instead of faulting in fresh pages (each is a few hundred KiB at
 /// catch-up batch sizes, freed and purged by the allocator otherwise).
 #[derive(Default)]
 struct Scratch {
-    working: HashMap<String, Working>,
-    dirty: Vec<(String, Working)>,
+    /// The batch's keys, each with the index of its item, sorted by key.
+    keyed: Vec<(String, u32)>,
+    /// The batch's distinct keys in key order, with their working records.
+    slots: Vec<(String, Working)>,
+    /// Per item, the index of its key's slot (`u32::MAX`: none).
+    slot_of: Vec<u32>,
 }
 
 impl std::fmt::Debug for Store {
@@ -583,10 +586,15 @@ impl Store {
         let mut filters = self.filters();
         let mut run_index = self.run_index();
         let mut scratch = lock_or_forget(&self.scratch);
-        let Scratch { working, dirty } = &mut *scratch;
+        let Scratch {
+            keyed,
+            slots,
+            slot_of,
+        } = &mut *scratch;
         // Empty unless a failed batch left entries behind.
-        working.clear();
-        dirty.clear();
+        keyed.clear();
+        slots.clear();
+        slot_of.clear();
         let mut applied = Applied {
             outcomes: Vec::with_capacity(items.len()),
             ..Applied::default()
@@ -633,7 +641,6 @@ impl Store {
                 .collect();
             let floor = checkpoint.acked_floor;
 
-            working.reserve(items.len());
             let mut applied_count = 0u64;
             let needs_state = spec.reducer.needs_state();
             let infallible = spec.reducer.infallible();
@@ -650,13 +657,42 @@ impl Store {
                     .collect::<Result<_, _>>()?,
                 _ => HashSet::new(),
             };
+            // Each key's stored record is read once, in key order (neighbouring keys share
+            // B-tree pages), into the slot its events fold into; the keys move out of the items.
+            // Events the loop below settles without their key (at or below the floor, already
+            // dead) get no slot and no read.
+            let settled = |seq: u64| {
+                (below_floor == BelowFloor::Skip && seq <= floor) || dead_here.contains(&seq)
+            };
+            for (index, item) in items.iter_mut().enumerate() {
+                if let Item::Event(p) = item {
+                    if !settled(p.seq) {
+                        keyed.push((std::mem::take(&mut p.key), index as u32));
+                    }
+                }
+            }
+            keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            slot_of.resize(items.len(), u32::MAX);
+            for (key, index) in keyed.drain(..) {
+                if slots.last().is_none_or(|(last, _)| *last != key) {
+                    let stored = records.get(key.as_str())?;
+                    let stored = stored.as_ref().map(|v| decode(v.value())).transpose()?;
+                    let mut w = Working::from_stored(stored, needs_state);
+                    if let Some(rev) = confirmed_revisions.get(key.as_str()) {
+                        w.kv_revision = w.kv_revision.max(*rev);
+                    }
+                    slots.push((key, w));
+                }
+                slot_of[index as usize] = (slots.len() - 1) as u32;
+            }
+
             // The next event's id hash is computed one event ahead, and its index slot
             // prefetched while this event is folded.
-            let mut items = items.drain(..).peekable();
+            let mut items = items.drain(..).enumerate().peekable();
             let mut next_hash = None;
-            while let Some(item) = items.next() {
+            while let Some((index, item)) = items.next() {
                 let this_hash = next_hash.take();
-                if let Some(Item::Event(next)) = items.peek().filter(|_| window > 0) {
+                if let Some((_, Item::Event(next))) = items.peek().filter(|_| window > 0) {
                     let h = runs::hash(next.event.dedupe_id().as_bytes());
                     markers.prefetch(dedupe_bucket(next.publish_ms, window), h);
                     next_hash = Some(h);
@@ -678,20 +714,13 @@ impl Store {
                     }
                     Item::Event(p) => p,
                 };
-                // The key moves into the map (or is dropped when already there): one hash
-                // and no copy per event.
-                let w = match working.entry(std::mem::take(&mut p.key)) {
-                    Entry::Occupied(entry) => entry.into_mut(),
-                    Entry::Vacant(entry) => {
-                        let key = entry.key().as_str();
-                        let stored = records.get(key)?;
-                        let stored = stored.as_ref().map(|v| decode(v.value())).transpose()?;
-                        let mut w = Working::from_stored(stored, needs_state);
-                        if let Some(rev) = confirmed_revisions.get(key) {
-                            w.kv_revision = w.kv_revision.max(*rev);
-                        }
-                        entry.insert(w)
-                    }
+                let Some((_, w)) = slot_of
+                    .get(index)
+                    .and_then(|&slot| slots.get_mut(slot as usize))
+                else {
+                    return Err(StoreError::Other(
+                        "internal: an event without its key's slot".into(),
+                    ));
                 };
                 if p.seq <= w.seq {
                     applied.outcomes.push(Outcome::Duplicate);
@@ -776,9 +805,7 @@ impl Store {
             // Written in key order: neighbouring keys share B-tree pages, so a batch dirties
             // (and copies on write) fewer pages than in arrival order. KV writes follow the
             // same order (deterministic).
-            dirty.extend(working.drain().filter(|(_, w)| w.dirty));
-            dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            for (key, w) in dirty.drain(..) {
+            for (key, w) in slots.drain(..).filter(|(_, w)| w.dirty) {
                 let record = w.into_record()?;
                 records.insert(key.as_str(), encode(&record)?.as_slice())?;
                 if with_kv {
