@@ -870,10 +870,12 @@ impl Pipeline {
                 }
                 None => task.await,
             };
-            let result = result.map(|(applied, house, back, logs, range, emptied)| {
+            let result = result.map(|(applied, house, back, logs, range, mut used)| {
                 messages = back;
-                if emptied.capacity() > self.spare_items.capacity() {
-                    self.spare_items = emptied;
+                // Freed here, where they were decoded (ahead), not on the applying thread.
+                used.clear();
+                if used.capacity() > self.spare_items.capacity() {
+                    self.spare_items = used;
                 }
                 described = logs;
                 if let Some((first, last)) = range {

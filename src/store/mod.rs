@@ -568,7 +568,7 @@ impl Store {
     fn apply_unguarded(
         &self,
         spec: &Spec,
-        items: &mut Vec<Item>,
+        items: &mut [Item],
         house: &Housekeeping,
         position: Option<&Position>,
         below_floor: BelowFloor,
@@ -688,7 +688,9 @@ impl Store {
 
             // The next event's id hash is computed one event ahead, and its index slot
             // prefetched while this event is folded.
-            let mut items = items.drain(..).enumerate().peekable();
+            // The items stay in `items` (what is kept moves out of them): they are freed by the
+            // caller, on the thread that decoded them, where freeing is cheapest.
+            let mut items = items.iter_mut().enumerate().peekable();
             let mut next_hash = None;
             while let Some((index, item)) = items.next() {
                 let this_hash = next_hash.take();
@@ -707,9 +709,9 @@ impl Store {
                     applied.outcomes.push(Outcome::AlreadyDead);
                     continue;
                 }
-                let mut p = match item {
+                let p = match item {
                     Item::Poison { poison, .. } => {
-                        applied.outcomes.push(Outcome::Poison(poison));
+                        applied.outcomes.push(Outcome::Poison(poison.clone()));
                         continue;
                     }
                     Item::Event(p) => p,
@@ -795,7 +797,7 @@ impl Store {
                 if window > 0 {
                     markers.record(bucket, p.event.dedupe_id(), id_hash, p.seq, p.publish_ms)?;
                 }
-                w.event_id = p.event.id;
+                w.event_id = std::mem::take(&mut p.event.id);
                 applied_count += 1;
                 applied.outcomes.push(Outcome::Applied);
             }
@@ -1023,19 +1025,17 @@ impl Store {
         self.apply_from(spec, &mut items, house, position)
     }
 
-    /// Like [`Store::apply`], taking the items out of `items` and leaving it empty with its
-    /// capacity: the caller fills it again for a later batch (no fresh memory to fault in).
+    /// Like [`Store::apply`], leaving the items in `items` (emptied of what the store kept) for
+    /// the caller to clear: on the thread that decoded them their memory is freed cheaply, and
+    /// the vector is filled again for a later batch (no fresh memory to fault in).
     pub fn apply_from(
         &self,
         spec: &Spec,
-        items: &mut Vec<Item>,
+        items: &mut [Item],
         house: &Housekeeping,
         position: Option<&Position>,
     ) -> Result<Applied, StoreError> {
-        let applied =
-            guard(|| self.apply_unguarded(spec, &mut *items, house, position, BelowFloor::Skip));
-        items.clear();
-        applied
+        guard(|| self.apply_unguarded(spec, items, house, position, BelowFloor::Skip))
     }
 
     /// Applies events of a bounded replay (a backfill): like [`Store::apply`], but events at or

@@ -301,10 +301,10 @@ fn unchanged_keys_keep_their_state_and_changed_ones_are_rewritten() {
     }
 }
 
-/// `apply_from` takes every item (the same outcomes as `apply`) and leaves the vector empty
-/// with its memory, ready for the next batch.
+/// `apply_from` applies every item (the same outcomes as `apply`) and leaves them in place, for
+/// the caller to free and the vector to take the next batch.
 #[test]
-fn apply_from_empties_the_items_and_keeps_their_memory() {
+fn apply_from_leaves_the_items_to_the_caller() {
     let spec = spec_for("latest", "");
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.redb"), 4).unwrap();
@@ -323,13 +323,14 @@ fn apply_from_empties_the_items_and_keeps_their_memory() {
         .apply_from(&spec, &mut items, &Housekeeping::default(), None)
         .unwrap();
     assert_eq!(applied.outcomes, vec![Outcome::Applied; 3]);
-    assert!(items.is_empty());
+    assert_eq!(items.len(), 3);
     assert_eq!(items.capacity(), capacity);
+    items.clear();
     assert_eq!(store.record(&spec.namespace, "a").unwrap().unwrap().seq, 3);
     items.push(item(&spec, 2, 2, "e2", serde_json::json!({"k": "a"})));
     let applied = store
         .apply_from(&spec, &mut items, &Housekeeping::default(), None)
         .unwrap();
     assert_eq!(applied.outcomes, vec![Outcome::Duplicate]);
-    assert!(items.is_empty());
+    assert_eq!(items.len(), 1);
 }
