@@ -860,10 +860,12 @@ impl Pipeline {
                         tokio::select! {
                             biased;
                             done = &mut task => break done,
-                            () = source.gather(), if !cancel.is_cancelled() => {}
+                            // Decoding first: what is gathered is decoded before more is
+                            // gathered, so the next batch reaches the applying thread decoded.
                             () = std::future::ready(()), if undecoded => {
                                 decode_ahead(&spec, source.ahead(), ahead);
                             }
+                            () = source.gather(), if !cancel.is_cancelled() => {}
                             () = cancel.cancelled(), if !cancel.is_cancelled() => {}
                         }
                     }

@@ -6,7 +6,7 @@
 //! contain more: ids of a transaction that did not commit, markers expired since). So "absent"
 //! is definite and "maybe" falls back to the table. A bucket is loaded from the table the first
 //! time a batch needs it, inside that batch's write transaction; every marker inserted later
-//! goes through [`Filters::insert`]. Whatever replaces markers wholesale (an import) must call
+//! goes through [`Buckets::insert`]. Whatever replaces markers wholesale (an import) must call
 //! [`Filters::forget`].
 
 use std::collections::hash_map::Entry;
@@ -25,8 +25,12 @@ const BITS_PER_ID: usize = 12;
 /// The filters of every namespace of one store.
 #[derive(Debug, Default)]
 pub(super) struct Filters {
-    namespaces: HashMap<String, HashMap<u64, Bucket>>,
+    namespaces: HashMap<String, Buckets>,
 }
+
+/// The filters of one namespace, by bucket.
+#[derive(Debug, Default)]
+pub(super) struct Buckets(HashMap<u64, Bucket>);
 
 /// What is known of one bucket.
 #[derive(Debug)]
@@ -38,25 +42,36 @@ enum Bucket {
 }
 
 impl Filters {
+    /// The filters of `namespace` (none loaded the first time): looked up once per batch, so
+    /// that each event's lookups hash a bucket number only.
+    pub(super) fn namespace(&mut self, namespace: &str) -> &mut Buckets {
+        self.namespaces.entry(namespace.to_owned()).or_default()
+    }
+
+    /// Drops the filters of buckets below `horizon` (their markers expired).
+    pub(super) fn expire(&mut self, namespace: &str, horizon: u64) {
+        if let Some(buckets) = self.namespaces.get_mut(namespace) {
+            buckets.0.retain(|bucket, _| *bucket >= horizon);
+        }
+    }
+
+    /// Forgets a namespace (its markers were replaced): its buckets load again.
+    pub(super) fn forget(&mut self, namespace: &str) {
+        self.namespaces.remove(namespace);
+    }
+}
+
+impl Buckets {
     /// Whether `id` may have a marker in `bucket` (`false` is definite). `load` reads the
     /// bucket's ids from the table, calling its argument with each until it returns `false`;
     /// it runs the first time a bucket is asked about.
     pub(super) fn may_contain<E>(
         &mut self,
-        namespace: &str,
         bucket: u64,
         id: &str,
         load: impl FnOnce(&mut dyn FnMut(&str) -> bool) -> Result<(), E>,
     ) -> Result<bool, E> {
-        if !self.namespaces.contains_key(namespace) {
-            self.namespaces
-                .insert(namespace.to_owned(), HashMap::default());
-        }
-        // "Maybe" is always a safe answer.
-        let Some(buckets) = self.namespaces.get_mut(namespace) else {
-            return Ok(true);
-        };
-        let state = match buckets.entry(bucket) {
+        let state = match self.0.entry(bucket) {
             Entry::Occupied(known) => known.into_mut(),
             Entry::Vacant(slot) => {
                 let mut bloom = Bloom::default();
@@ -81,12 +96,8 @@ impl Filters {
 
     /// Records a marker being inserted into `bucket`. Must be called for every insert into a
     /// loaded bucket; an unloaded bucket will read it from the table when it loads.
-    pub(super) fn insert(&mut self, namespace: &str, bucket: u64, id: &str) {
-        let Some(state) = self
-            .namespaces
-            .get_mut(namespace)
-            .and_then(|b| b.get_mut(&bucket))
-        else {
+    pub(super) fn insert(&mut self, bucket: u64, id: &str) {
+        let Some(state) = self.0.get_mut(&bucket) else {
             return;
         };
         if let Bucket::Filtered(bloom) = state {
@@ -96,18 +107,6 @@ impl Filters {
                 bloom.insert(hash(id));
             }
         }
-    }
-
-    /// Drops the filters of buckets below `horizon` (their markers expired).
-    pub(super) fn expire(&mut self, namespace: &str, horizon: u64) {
-        if let Some(buckets) = self.namespaces.get_mut(namespace) {
-            buckets.retain(|bucket, _| *bucket >= horizon);
-        }
-    }
-
-    /// Forgets a namespace (its markers were replaced): its buckets load again.
-    pub(super) fn forget(&mut self, namespace: &str) {
-        self.namespaces.remove(namespace);
     }
 }
 
@@ -187,24 +186,35 @@ mod tests {
     #[test]
     fn every_inserted_id_is_found_and_most_others_are_not() {
         let mut f = Filters::default();
-        assert_eq!(f.may_contain("ns", 7, "x", load_none), Ok(false));
+        assert_eq!(f.namespace("ns").may_contain(7, "x", load_none), Ok(false));
         for i in 0..100_000 {
-            f.insert("ns", 7, &format!("id-{i}"));
+            f.namespace("ns").insert(7, &format!("id-{i}"));
         }
         for i in 0..100_000 {
             assert_eq!(
-                f.may_contain("ns", 7, &format!("id-{i}"), load_none),
+                f.namespace("ns")
+                    .may_contain(7, &format!("id-{i}"), load_none),
                 Ok(true)
             );
         }
         let false_positives = (0..100_000)
-            .filter(|i| f.may_contain("ns", 7, &format!("other-{i}"), load_none) == Ok(true))
+            .filter(|i| {
+                f.namespace("ns")
+                    .may_contain(7, &format!("other-{i}"), load_none)
+                    == Ok(true)
+            })
             .count();
         // Six layers at ~0.5% each, in theory; far below what would make the filter useless.
         assert!(false_positives < 5_000, "{false_positives} false positives");
         // Another bucket and another namespace know nothing of these.
-        assert_eq!(f.may_contain("ns", 8, "id-1", load_none), Ok(false));
-        assert_eq!(f.may_contain("other", 7, "id-1", load_none), Ok(false));
+        assert_eq!(
+            f.namespace("ns").may_contain(8, "id-1", load_none),
+            Ok(false)
+        );
+        assert_eq!(
+            f.namespace("other").may_contain(7, "id-1", load_none),
+            Ok(false)
+        );
     }
 
     #[test]
@@ -212,32 +222,36 @@ mod tests {
         let mut f = Filters::default();
         let mut loads = 0;
         for _ in 0..3 {
-            let found = f.may_contain("ns", 1, "b", |add: &mut dyn FnMut(&str) -> bool| {
-                loads += 1;
-                for id in ["a", "b", "c"] {
-                    add(id);
-                }
-                Ok::<_, ()>(())
-            });
+            let found =
+                f.namespace("ns")
+                    .may_contain(1, "b", |add: &mut dyn FnMut(&str) -> bool| {
+                        loads += 1;
+                        for id in ["a", "b", "c"] {
+                            add(id);
+                        }
+                        Ok::<_, ()>(())
+                    });
             assert_eq!(found, Ok(true));
         }
         assert_eq!(loads, 1);
         f.forget("ns");
-        assert_eq!(f.may_contain("ns", 1, "b", load_none), Ok(false));
+        assert_eq!(f.namespace("ns").may_contain(1, "b", load_none), Ok(false));
     }
 
     #[test]
     fn an_oversized_bucket_is_looked_up_always() {
         let mut f = Filters::default();
-        let filled = f.may_contain("ns", 1, "zz", |add: &mut dyn FnMut(&str) -> bool| {
-            let mut i = 0u64;
-            while add(&i.to_string()) {
-                i += 1;
-            }
-            Ok::<_, ()>(())
-        });
+        let filled = f
+            .namespace("ns")
+            .may_contain(1, "zz", |add: &mut dyn FnMut(&str) -> bool| {
+                let mut i = 0u64;
+                while add(&i.to_string()) {
+                    i += 1;
+                }
+                Ok::<_, ()>(())
+            });
         assert_eq!(filled, Ok(true), "an unfiltered bucket answers maybe");
         f.expire("ns", 2);
-        assert_eq!(f.may_contain("ns", 1, "zz", load_none), Ok(false));
+        assert_eq!(f.namespace("ns").may_contain(1, "zz", load_none), Ok(false));
     }
 }

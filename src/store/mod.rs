@@ -450,6 +450,15 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
         .map_err(|e| StoreError::Other(format!("encode: {e}")))
 }
 
+/// Encodes like [`encode`], into `buf` (cleared first): a batch's records share one buffer
+/// instead of each growing its own from empty.
+fn encode_into<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+    buf.clear();
+    bincode::serde::encode_into_std_write(value, buf, bincode::config::standard())
+        .map(|_| ())
+        .map_err(|e| StoreError::Other(format!("encode: {e}")))
+}
+
 /// Decodes a stored value; a borrowing type (such as [`RecordRef`]) borrows from `bytes`.
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
     bincode::serde::borrow_decode_from_slice(bytes, bincode::config::standard())
@@ -626,11 +635,10 @@ impl Store {
                 run_index.expire(&spec.namespace, *horizon);
             });
             let mut markers = Markers {
-                namespace: &spec.namespace,
                 by_id: &mut dedupe,
                 runs: &mut runs,
-                filters: &mut filters,
-                index: &mut run_index,
+                filters: filters.namespace(&spec.namespace),
+                index: run_index.namespace(&spec.namespace),
                 pending: Vec::new(),
                 blocks: Vec::new(),
             };
@@ -807,9 +815,11 @@ impl Store {
             // Written in key order: neighbouring keys share B-tree pages, so a batch dirties
             // (and copies on write) fewer pages than in arrival order. KV writes follow the
             // same order (deterministic).
+            let mut bytes = Vec::new();
             for (key, w) in slots.drain(..).filter(|(_, w)| w.dirty) {
                 let record = w.into_record()?;
-                records.insert(key.as_str(), encode(&record)?.as_slice())?;
+                encode_into(&record, &mut bytes)?;
+                records.insert(key.as_str(), bytes.as_slice())?;
                 if with_kv {
                     outbox.insert(key.as_str(), record.seq)?;
                     applied.kv_writes.push(KvWrite {
@@ -1181,11 +1191,11 @@ fn fold_housekeeping(
 /// The dedupe markers as one batch sees them: both tables, their caches, and the batch's own
 /// runs (written at its end).
 struct Markers<'a, 't> {
-    namespace: &'a str,
     by_id: &'a mut DedupeTable<'t>,
     runs: &'a mut RunsTable<'t>,
-    filters: &'a mut filter::Filters,
-    index: &'a mut runs::RunIndex,
+    /// The namespace's filters and run index.
+    filters: &'a mut filter::Buckets,
+    index: &'a mut runs::Buckets,
     /// This batch's runs: (bucket, first seq, markers).
     pending: Vec<(u64, u64, Vec<runs::Marker>)>,
     /// Scratch: candidate blocks of one lookup.
@@ -1208,7 +1218,7 @@ impl Markers<'_, '_> {
         let mut load = |add: &mut dyn FnMut(u64, &[u8])| bucket_runs(runs, bucket, add);
         // Most ids are new: the index says so without reading a run.
         self.index
-            .candidates(self.namespace, bucket, h, &mut load, &mut self.blocks)?;
+            .candidates(bucket, h, &mut load, &mut self.blocks)?;
         for &block in &self.blocks {
             for (b, first, pending) in &self.pending {
                 if *b == bucket
@@ -1229,7 +1239,7 @@ impl Markers<'_, '_> {
         }
         let by_id = &*self.by_id;
         let load = |add: &mut dyn FnMut(&str) -> bool| bucket_ids(by_id, bucket, add);
-        if self.filters.may_contain(self.namespace, bucket, id, load)? {
+        if self.filters.may_contain(bucket, id, load)? {
             if let Some(marker) = by_id.get((bucket, id))? {
                 return Ok(within(marker.value().1));
             }
@@ -1239,7 +1249,7 @@ impl Markers<'_, '_> {
 
     /// Starts fetching the index slot a lookup of hash `h` in `bucket` reads first.
     fn prefetch(&self, bucket: u64, h: u64) {
-        self.index.prefetch(self.namespace, bucket, h);
+        self.index.prefetch(bucket, h);
     }
 
     /// Records the marker of an applied event: in this batch's run of its bucket, or one row by
@@ -1252,9 +1262,9 @@ impl Markers<'_, '_> {
         seq: u64,
         publish_ms: u64,
     ) -> Result<(), StoreError> {
-        if !self.index.has_room(self.namespace, bucket) {
+        if !self.index.has_room(bucket) {
             self.by_id.insert((bucket, id), (seq, publish_ms))?;
-            self.filters.insert(self.namespace, bucket, id);
+            self.filters.insert(bucket, id);
             return Ok(());
         }
         let marker = (id.to_owned(), seq, publish_ms);
@@ -1279,8 +1289,7 @@ impl Markers<'_, '_> {
             }
             Ok::<_, StoreError>(())
         };
-        self.index
-            .insert(self.namespace, bucket, h, first, &mut load)
+        self.index.insert(bucket, h, first, &mut load)
     }
 
     /// Writes this batch's runs (merged into a run already stored under the same key, which

@@ -167,8 +167,12 @@ pub(super) fn text(id: &[u8]) -> Result<&str, StoreError> {
 /// The run index of every namespace of one store.
 #[derive(Debug, Default)]
 pub(super) struct RunIndex {
-    namespaces: HashMap<String, HashMap<u64, Bucket>>,
+    namespaces: HashMap<String, Buckets>,
 }
+
+/// The run index of one namespace, by bucket.
+#[derive(Debug, Default)]
+pub(super) struct Buckets(HashMap<u64, Bucket>);
 
 /// The index of one bucket: one open-addressing table (linear probing), rebuilt twice as large
 /// from the bucket's runs when seven eighths full (a slot keeps too little of the hash to be
@@ -263,26 +267,37 @@ impl Bucket {
 pub(super) type Load<'l, E> = &'l mut dyn FnMut(&mut dyn FnMut(u64, &[u8])) -> Result<(), E>;
 
 impl RunIndex {
+    /// The index of `namespace` (empty the first time): looked up once per batch, so that
+    /// each event's lookups hash a bucket number only.
+    pub(super) fn namespace(&mut self, namespace: &str) -> &mut Buckets {
+        self.namespaces.entry(namespace.to_owned()).or_default()
+    }
+
+    /// Drops the index of buckets below `horizon` (their runs expired).
+    pub(super) fn expire(&mut self, namespace: &str, horizon: u64) {
+        if let Some(buckets) = self.namespaces.get_mut(namespace) {
+            buckets.0.retain(|bucket, _| *bucket >= horizon);
+        }
+    }
+
+    /// Forgets a namespace (its runs were replaced): its buckets load again.
+    pub(super) fn forget(&mut self, namespace: &str) {
+        self.namespaces.remove(namespace);
+    }
+}
+
+impl Buckets {
     /// The blocks of `bucket` whose runs may hold the id of hash `h`, into `out` (none is
     /// definite). `load` reads the bucket's markers; it runs the first time a bucket is asked
     /// about.
     pub(super) fn candidates<E>(
         &mut self,
-        namespace: &str,
         bucket: u64,
         h: u64,
         load: Load<'_, E>,
         out: &mut Vec<u64>,
     ) -> Result<(), E> {
-        if !self.namespaces.contains_key(namespace) {
-            self.namespaces
-                .insert(namespace.to_owned(), HashMap::default());
-        }
-        let Some(buckets) = self.namespaces.get_mut(namespace) else {
-            out.clear();
-            return Ok(());
-        };
-        let index = match buckets.entry(bucket) {
+        let index = match self.0.entry(bucket) {
             std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => slot.insert(build(load, 0)?),
         };
@@ -294,8 +309,8 @@ impl RunIndex {
     /// the lookup a moment later does not wait for memory (a table of 2 MiB misses the caches
     /// and the TLB: measured, that first load was 70% of a lookup and 7% of a 100-key batch).
     /// A hint only: nothing changes, and an unloaded bucket is ignored.
-    pub(super) fn prefetch(&self, namespace: &str, bucket: u64, h: u64) {
-        let Some(index) = self.namespaces.get(namespace).and_then(|b| b.get(&bucket)) else {
+    pub(super) fn prefetch(&self, bucket: u64, h: u64) {
+        let Some(index) = self.0.get(&bucket) else {
             return;
         };
         // A miss probes ~30 slots at the fullest: the line after the first one too.
@@ -308,28 +323,24 @@ impl RunIndex {
     }
 
     /// Whether `bucket` is loaded and has room for another id.
-    pub(super) fn has_room(&self, namespace: &str, bucket: u64) -> bool {
-        self.namespaces
-            .get(namespace)
-            .and_then(|b| b.get(&bucket))
+    pub(super) fn has_room(&self, bucket: u64) -> bool {
+        self.0
+            .get(&bucket)
             .is_some_and(|index| index.len < MAX_INDEXED)
     }
 
     /// Records the id of hash `h` as written in the run of `bucket` starting at `first_seq`.
-    /// The bucket must be loaded (see [`RunIndex::has_room`]). A full table is rebuilt from
+    /// The bucket must be loaded (see [`Buckets::has_room`]). A full table is rebuilt from
     /// `load`, which must read every marker of the bucket, the batch in hand's (this one
     /// included) as well as the stored runs.
     pub(super) fn insert<E>(
         &mut self,
-        namespace: &str,
         bucket: u64,
         h: u64,
         first_seq: u64,
         load: Load<'_, E>,
     ) -> Result<(), E> {
-        let Some(buckets) = self.namespaces.get_mut(namespace) else {
-            return Ok(());
-        };
+        let buckets = &mut self.0;
         let Some(index) = buckets.get_mut(&bucket) else {
             return Ok(());
         };
@@ -345,18 +356,6 @@ impl RunIndex {
         let index = build(load, len)?;
         buckets.insert(bucket, index);
         Ok(())
-    }
-
-    /// Drops the index of buckets below `horizon` (their runs expired).
-    pub(super) fn expire(&mut self, namespace: &str, horizon: u64) {
-        if let Some(buckets) = self.namespaces.get_mut(namespace) {
-            buckets.retain(|bucket, _| *bucket >= horizon);
-        }
-    }
-
-    /// Forgets a namespace (its runs were replaced): its buckets load again.
-    pub(super) fn forget(&mut self, namespace: &str) {
-        self.namespaces.remove(namespace);
     }
 }
 
@@ -418,7 +417,8 @@ mod tests {
                 Ok::<_, ()>(())
             };
             index
-                .insert("ns", bucket, hash(id.as_bytes()), first_seq, &mut load)
+                .namespace("ns")
+                .insert(bucket, hash(id.as_bytes()), first_seq, &mut load)
                 .unwrap();
         }
     }
@@ -489,7 +489,8 @@ mod tests {
         let mut rows = Rows::default();
         let mut out = Vec::new();
         index
-            .candidates("ns", 7, hash(b"x"), &mut no_runs, &mut out)
+            .namespace("ns")
+            .candidates(7, hash(b"x"), &mut no_runs, &mut out)
             .unwrap();
         assert!(out.is_empty());
         for i in 0..100_000u64 {
@@ -497,8 +498,8 @@ mod tests {
         }
         for i in 0..100_000u64 {
             index
+                .namespace("ns")
                 .candidates(
-                    "ns",
                     7,
                     hash(format!("id-{i}").as_bytes()),
                     &mut no_runs,
@@ -510,8 +511,8 @@ mod tests {
         let false_candidates: usize = (0..100_000)
             .map(|i| {
                 index
+                    .namespace("ns")
                     .candidates(
-                        "ns",
                         7,
                         hash(format!("other-{i}").as_bytes()),
                         &mut no_runs,
@@ -529,12 +530,14 @@ mod tests {
         );
         let mut other = Vec::new();
         index
-            .candidates("ns", 8, hash(b"id-1"), &mut no_runs, &mut other)
+            .namespace("ns")
+            .candidates(8, hash(b"id-1"), &mut no_runs, &mut other)
             .unwrap();
         assert!(other.is_empty(), "another bucket knows nothing of these");
         index.expire("ns", 8);
         index
-            .candidates("ns", 7, hash(b"id-1"), &mut no_runs, &mut out)
+            .namespace("ns")
+            .candidates(7, hash(b"id-1"), &mut no_runs, &mut out)
             .unwrap();
         assert!(
             out.is_empty(),
@@ -545,20 +548,22 @@ mod tests {
     #[test]
     fn a_prefetch_changes_nothing_and_ignores_unloaded_buckets() {
         let mut index = RunIndex::default();
-        index.prefetch("ns", 1, hash(b"a"));
+        index.namespace("ns").prefetch(1, hash(b"a"));
         let mut rows = Rows::default();
         let mut out = Vec::new();
         index
-            .candidates("ns", 1, hash(b"a"), &mut no_runs, &mut out)
+            .namespace("ns")
+            .candidates(1, hash(b"a"), &mut no_runs, &mut out)
             .unwrap();
         rows.insert(&mut index, 1, "a", 10);
         for h in [hash(b"a"), hash(b"b"), 0, u64::MAX] {
-            index.prefetch("ns", 1, h);
-            index.prefetch("ns", 2, h);
-            index.prefetch("other", 1, h);
+            index.namespace("ns").prefetch(1, h);
+            index.namespace("ns").prefetch(2, h);
+            index.namespace("other").prefetch(1, h);
         }
         index
-            .candidates("ns", 1, hash(b"a"), &mut no_runs, &mut out)
+            .namespace("ns")
+            .candidates(1, hash(b"a"), &mut no_runs, &mut out)
             .unwrap();
         assert_eq!(out, vec![block(10)]);
     }
@@ -568,7 +573,8 @@ mod tests {
         let mut index = RunIndex::default();
         let mut out = Vec::new();
         index
-            .candidates("ns", 1, 0, &mut no_runs, &mut out)
+            .namespace("ns")
+            .candidates(1, 0, &mut no_runs, &mut out)
             .unwrap();
         let h = hash(b"same");
         // The same low 16 bits of the block, 65,536 blocks apart.
@@ -576,7 +582,8 @@ mod tests {
         rows.insert(&mut index, 1, "same", 5 << BLOCK_BITS);
         rows.insert(&mut index, 1, "same", (5 + (1 << 16)) << BLOCK_BITS);
         index
-            .candidates("ns", 1, h, &mut no_runs, &mut out)
+            .namespace("ns")
+            .candidates(1, h, &mut no_runs, &mut out)
             .unwrap();
         assert_eq!(out, vec![5, 5 + (1 << 16)]);
     }
@@ -588,8 +595,8 @@ mod tests {
         let mut out = Vec::new();
         for _ in 0..3 {
             index
+                .namespace("ns")
                 .candidates(
-                    "ns",
                     1,
                     hash(b"b"),
                     &mut |add: &mut dyn FnMut(u64, &[u8])| {
@@ -605,11 +612,15 @@ mod tests {
             assert_eq!(out, vec![block(10)]);
         }
         assert_eq!(loads, 1);
-        assert!(index.has_room("ns", 1));
-        assert!(!index.has_room("ns", 2), "an unloaded bucket takes nothing");
+        assert!(index.namespace("ns").has_room(1));
+        assert!(
+            !index.namespace("ns").has_room(2),
+            "an unloaded bucket takes nothing"
+        );
         index.forget("ns");
         index
-            .candidates("ns", 1, hash(b"b"), &mut no_runs, &mut out)
+            .namespace("ns")
+            .candidates(1, hash(b"b"), &mut no_runs, &mut out)
             .unwrap();
         assert!(out.is_empty());
     }
