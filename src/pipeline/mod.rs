@@ -948,11 +948,13 @@ impl Pipeline {
             }
         }
         let mut poisoned = Vec::new();
+        // Counted here, added to the metrics once per batch.
+        let (mut fresh, mut duplicate, mut stale) = (0, 0, 0);
         for (index, outcome) in applied.outcomes.into_iter().enumerate() {
             match outcome {
-                Outcome::Applied => self.metrics.applied.inc(),
-                Outcome::Duplicate | Outcome::AlreadyDead => self.metrics.duplicate.inc(),
-                Outcome::StaleEpoch => self.metrics.stale_epoch.inc(),
+                Outcome::Applied => fresh += 1,
+                Outcome::Duplicate | Outcome::AlreadyDead => duplicate += 1,
+                Outcome::StaleEpoch => stale += 1,
                 Outcome::Poison(poison) => {
                     poisoned.push((index, poison));
                     continue;
@@ -964,6 +966,9 @@ impl Pipeline {
                 m.slim();
             }
         }
+        self.metrics.applied.inc_by(fresh);
+        self.metrics.duplicate.inc_by(duplicate);
+        self.metrics.stale_epoch.inc_by(stale);
         debug!(parent: &span, elapsed_ms = started.elapsed().as_millis() as u64,
             commit_us = applied.commit_time.as_micros() as u64, "batch committed");
         let newest = messages.iter().map(|m| m.seq).max().unwrap_or(0);
