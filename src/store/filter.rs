@@ -7,12 +7,14 @@
 //! is definite and "maybe" falls back to the table. A bucket is loaded from the table the first
 //! time a batch needs it, inside that batch's write transaction; every marker inserted later
 //! goes through [`Buckets::insert`]. Whatever replaces markers wholesale (an import) must call
-//! [`Filters::forget`].
+//! [`Namespaces::forget`].
 
 use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
 
 use foldhash::HashMap;
+
+use super::namespaces::{Expiring, Namespaces};
 
 /// Ids a bucket filters at most; beyond it the bucket is always looked up in the table (keeps
 /// memory bounded: about 12 bits per id, so 2 M ids take ~3-6 MiB).
@@ -23,10 +25,7 @@ const FIRST_LAYER: usize = 4096;
 const BITS_PER_ID: usize = 12;
 
 /// The filters of every namespace of one store.
-#[derive(Debug, Default)]
-pub(super) struct Filters {
-    namespaces: HashMap<String, Buckets>,
-}
+pub(super) type Filters = Namespaces<Buckets>;
 
 /// The filters of one namespace, by bucket.
 #[derive(Debug, Default)]
@@ -41,23 +40,9 @@ enum Bucket {
     Unfiltered,
 }
 
-impl Filters {
-    /// The filters of `namespace` (none loaded the first time): looked up once per batch, so
-    /// that each event's lookups hash a bucket number only.
-    pub(super) fn namespace(&mut self, namespace: &str) -> &mut Buckets {
-        self.namespaces.entry(namespace.to_owned()).or_default()
-    }
-
-    /// Drops the filters of buckets below `horizon` (their markers expired).
-    pub(super) fn expire(&mut self, namespace: &str, horizon: u64) {
-        if let Some(buckets) = self.namespaces.get_mut(namespace) {
-            buckets.0.retain(|bucket, _| *bucket >= horizon);
-        }
-    }
-
-    /// Forgets a namespace (its markers were replaced): its buckets load again.
-    pub(super) fn forget(&mut self, namespace: &str) {
-        self.namespaces.remove(namespace);
+impl Expiring for Buckets {
+    fn expire(&mut self, horizon: u64) {
+        self.0.retain(|bucket, _| *bucket >= horizon);
     }
 }
 

@@ -8,6 +8,7 @@
 //! version beside the live one.
 
 mod filter;
+mod namespaces;
 mod record;
 mod runs;
 

@@ -14,14 +14,15 @@
 //! Invariant: a loaded bucket holds a slot for every marker of the bucket's runs (it may hold
 //! more: runs of a transaction that did not commit, runs expired since). So "no candidate" is
 //! definite. A bucket is loaded from the table the first time a batch needs it, inside that
-//! batch's write transaction; every marker written later goes through [`RunIndex::insert`].
-//! Whatever replaces runs wholesale (an import) must call [`RunIndex::forget`].
+//! batch's write transaction; every marker written later goes through [`Buckets::insert`].
+//! Whatever replaces runs wholesale (an import) must call [`Namespaces::forget`].
 
 use std::hash::BuildHasher;
 
 use foldhash::HashMap;
 
 use super::StoreError;
+use super::namespaces::{Expiring, Namespaces};
 
 /// A run's sequence block: runs whose first sequence shares `seq >> BLOCK_BITS`.
 pub(super) const BLOCK_BITS: u32 = 12;
@@ -165,10 +166,7 @@ pub(super) fn text(id: &[u8]) -> Result<&str, StoreError> {
 }
 
 /// The run index of every namespace of one store.
-#[derive(Debug, Default)]
-pub(super) struct RunIndex {
-    namespaces: HashMap<String, Buckets>,
-}
+pub(super) type RunIndex = Namespaces<Buckets>;
 
 /// The run index of one namespace, by bucket.
 #[derive(Debug, Default)]
@@ -266,23 +264,9 @@ impl Bucket {
 /// Reads a bucket's markers: calls its argument with each marker's run's first sequence and id.
 pub(super) type Load<'l, E> = &'l mut dyn FnMut(&mut dyn FnMut(u64, &[u8])) -> Result<(), E>;
 
-impl RunIndex {
-    /// The index of `namespace` (empty the first time): looked up once per batch, so that
-    /// each event's lookups hash a bucket number only.
-    pub(super) fn namespace(&mut self, namespace: &str) -> &mut Buckets {
-        self.namespaces.entry(namespace.to_owned()).or_default()
-    }
-
-    /// Drops the index of buckets below `horizon` (their runs expired).
-    pub(super) fn expire(&mut self, namespace: &str, horizon: u64) {
-        if let Some(buckets) = self.namespaces.get_mut(namespace) {
-            buckets.0.retain(|bucket, _| *bucket >= horizon);
-        }
-    }
-
-    /// Forgets a namespace (its runs were replaced): its buckets load again.
-    pub(super) fn forget(&mut self, namespace: &str) {
-        self.namespaces.remove(namespace);
+impl Expiring for Buckets {
+    fn expire(&mut self, horizon: u64) {
+        self.0.retain(|bucket, _| *bucket >= horizon);
     }
 }
 
