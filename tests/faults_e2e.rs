@@ -206,3 +206,72 @@ async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
     assert_eq!(projector.terminate(), Some(0));
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
+
+/// During a catch-up the next batch is queued on the applying thread behind the one it
+/// applies. When that one fails, the queued batch is handed back unapplied, the failed one is
+/// retried, and only then is the queued one applied. A `counter` over 40 keys shows any event
+/// lost or applied out of order (an older event behind a newer one of its key counts as a
+/// duplicate): every key must count all of its 75 events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_queued_behind_a_failed_one_is_applied_after_it() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "COUNTS", &["counts.>"]).await;
+    let events = (0..3000)
+        .map(|n| {
+            let data = json!({"k": format!("k{}", n % 40)});
+            (
+                "counts.add".to_owned(),
+                cloudevent(&format!("e{n}"), "add", data),
+            )
+        })
+        .collect();
+    publish_all(&js, events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let projection = r#"
+[[projection]]
+name = "counts"
+stream = "COUNTS"
+key = "{data.k}"
+reducer = "counter"
+kv_bucket = "counts_view"
+batch = 64
+max_ack_pending = 4096
+backoff = ["200ms"]
+"#;
+    let config = write_config(&server, dir.path(), port, projection);
+    let log = dir.path().join("projector.log");
+    // The 21st batch apply fails, well inside the catch-up (one failure: had the batch queued
+    // behind it been applied, it would not have failed too).
+    let env = [
+        ("NATS_PROJECTOR_FAIL_STORE", "1@20"),
+        ("RUST_LOG", "warn,nats_projector::pipeline=info"),
+    ];
+    let projector = Child2::run(&config, &env, &log);
+    wait_drained(
+        &js,
+        "COUNTS",
+        "projector__counts_v1",
+        Duration::from_secs(60),
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("queued behind a failed one"),
+        "a queued batch should have met the failure: {}",
+        text.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    let retried = metric(port, "projector_events_total", &[("outcome", "retried")]).await;
+    assert!(
+        retried.unwrap_or(0.0) >= 1.0,
+        "retries are counted: {retried:?}"
+    );
+    assert_eq!(projector.terminate(), Some(0));
+    let (live, deleted) = kv_snapshot(&js, "counts_view").await;
+    assert!(deleted.is_empty());
+    assert_eq!(live.len(), 40);
+    for (key, value) in &live {
+        assert_eq!(value["state"]["count"], json!(75), "{key}: {value}");
+    }
+}

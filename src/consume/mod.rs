@@ -564,11 +564,24 @@ impl Source {
         Ok(Fetched::Batch(batch))
     }
 
+    /// Whether the messages gathered ahead make a whole batch (by count or bytes).
+    pub fn ahead_full(&self) -> bool {
+        self.ahead.len() >= self.batch || self.ahead_bytes >= self.batch_bytes
+    }
+
+    /// Takes the messages gathered ahead as the next batch, before the batch in hand is
+    /// complete (the pipeline queues it on the applying thread).
+    pub fn take_ahead(&mut self) -> Vec<Incoming> {
+        self.ahead_bytes = 0;
+        let next = Vec::with_capacity(self.ahead.len());
+        std::mem::replace(&mut self.ahead, next)
+    }
+
     /// Takes messages that arrive while a batch is applied, up to one batch, so that the next
     /// batch is ready when the applying thread is. Returns once it took some; never returns
     /// when it wants no more (a full batch, no subscription). Cancel-safe.
     pub async fn gather(&mut self) {
-        let full = self.ahead.len() >= self.batch || self.ahead_bytes >= self.batch_bytes;
+        let full = self.ahead_full();
         let Some(stream) = self.messages.as_mut().filter(|_| !full) else {
             return std::future::pending().await;
         };

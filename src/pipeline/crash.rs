@@ -31,16 +31,26 @@ pub fn point(name: &str) {
 }
 
 /// Whether the store should fail this write (`NATS_PROJECTOR_FAIL_STORE=N` fails the first N
-/// batch commits with an I/O error, `always` fails them all).
+/// batch commits with an I/O error, `always` all of them, and `N@K` the N after the first K,
+/// each after 100 ms, like a disk timing out: time for the next batch to queue behind it).
 #[cfg(feature = "fault-injection")]
 pub fn store_failure() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     static CALLS: AtomicU64 = AtomicU64::new(0);
-    match std::env::var("NATS_PROJECTOR_FAIL_STORE").ok().as_deref() {
-        Some("always") => true,
-        Some(n) => CALLS.fetch_add(1, Ordering::SeqCst) < n.parse().unwrap_or(0),
-        None => false,
+    let Ok(spec) = std::env::var("NATS_PROJECTOR_FAIL_STORE") else {
+        return false;
+    };
+    if spec == "always" {
+        return true;
     }
+    let (n, skip) = spec.split_once('@').unwrap_or((&spec, "0"));
+    let (n, skip): (u64, u64) = (n.parse().unwrap_or(0), skip.parse().unwrap_or(0));
+    let call = CALLS.fetch_add(1, Ordering::SeqCst);
+    let fail = call >= skip && call < skip + n;
+    if fail && spec.contains('@') {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    fail
 }
 
 /// Whether the store should fail this write (disabled in this build).

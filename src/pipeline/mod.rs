@@ -19,7 +19,10 @@ mod status;
 pub use status::{Status, StatusCell};
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
@@ -34,7 +37,9 @@ use crate::decode::{ErrorCode, Poison};
 use crate::kv::KvWriter;
 use crate::metrics::ProjectionMetrics;
 use crate::spec::Spec;
-use crate::store::{Applied, Item, KvWrite, Outcome, Position, Store, StoreErrorKind};
+use crate::store::{
+    Applied, Housekeeping, Item, KvWrite, Outcome, Position, Store, StoreError, StoreErrorKind,
+};
 use effects::{Committed, Effects, Job};
 
 /// How long a fetch waits before the pipeline does idle work (samples, housekeeping).
@@ -44,6 +49,30 @@ const KV_IN_FLIGHT: usize = 1024;
 /// Messages gathered ahead that are decoded at a time while a batch is applied, between checks
 /// of whether the applying thread is done (so that it never waits long for the next batch).
 const DECODE_AHEAD_CHUNK: usize = 64;
+
+/// What a batch's job on the applying thread gives back: the store's answer (`None`: not
+/// applied, because the batch was queued behind one that failed), the housekeeping it carried,
+/// the batch's messages, the per-event log fields, its sequence range, and its items (as
+/// decoded, when not applied).
+type Applying = (
+    Option<Result<Applied, StoreError>>,
+    Housekeeping,
+    Vec<Incoming>,
+    Option<Vec<EventLog>>,
+    Option<(u64, u64)>,
+    Vec<Item>,
+);
+
+/// A batch's job on the applying thread, as the pipeline task awaits it.
+type ApplyTask =
+    Pin<Box<dyn Future<Output = Result<Applying, applier::ApplierError>> + Send + Sync>>;
+
+/// A batch queued on the applying thread behind the one it applies.
+struct Queued {
+    task: ApplyTask,
+    /// Messages in the batch.
+    size: usize,
+}
 
 /// Why a pipeline stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +139,13 @@ pub struct Pipeline {
     spare_items: Vec<Item>,
     /// The thread that applies batches, started with the first one.
     applier: Option<applier::Applier>,
+    /// During a catch-up, the next batch, queued on the applying thread while the one before
+    /// it is applied, so that the thread goes from one to the next without waiting for this
+    /// task. Completed before anything else happens between batches.
+    queued: Option<Queued>,
+    /// Whether the last batch the applying thread took up failed (or panicked). A queued batch
+    /// behind it is then handed back unapplied (see [`Pipeline::submit`]).
+    last_failed: Arc<AtomicBool>,
 }
 
 impl Pipeline {
@@ -152,6 +188,8 @@ impl Pipeline {
             ahead_items: Vec::new(),
             spare_items: Vec::new(),
             applier: None,
+            queued: None,
+            last_failed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -196,7 +234,21 @@ impl Pipeline {
         let idle = IDLE.min(c.lag_sample_interval);
         let mut source = Source::new(consumer, self.js.client(), c.batch, c.batch_bytes, idle);
         loop {
-            if source.rebound() && !self.recover(source.consumer()).await? {
+            // A batch queued on the applying thread is completed first, in order; recovery
+            // (after a re-bind) waits until none is.
+            if let Some(queued) = self.queued.take() {
+                self.process_segment(
+                    Vec::new(),
+                    Mode::Normal,
+                    Some(&mut source),
+                    Vec::new(),
+                    Some(queued),
+                )
+                .await?;
+                if self.cancel.is_cancelled() {
+                    break;
+                }
+            } else if source.rebound() && !self.recover(source.consumer()).await? {
                 break;
             }
             let every = self.spec.config.lag_sample_interval;
@@ -212,6 +264,9 @@ impl Pipeline {
                     self.last_snapshot_seq = seq;
                     self.auto_snapshot().await;
                 }
+            }
+            if self.queued.is_some() {
+                continue;
             }
             match source.next_batch(&self.cancel).await {
                 Ok(Fetched::Shutdown) => break,
@@ -245,6 +300,11 @@ impl Pipeline {
             if self.cancel.is_cancelled() {
                 break;
             }
+        }
+        // A batch still queued is completed (committed, then its KV writes and acks).
+        if let Some(queued) = self.queued.take() {
+            self.process_segment(Vec::new(), Mode::Normal, None, Vec::new(), Some(queued))
+                .await?;
         }
         Ok(())
     }
@@ -776,7 +836,7 @@ impl Pipeline {
         } else if !messages.iter().any(is_last) {
             // The usual case: the batch is one segment, not copied message by message.
             return self
-                .process_segment(messages, Mode::Normal, source, decoded)
+                .process_segment(messages, Mode::Normal, source, decoded, None)
                 .await;
         } else {
             let mut current = Vec::new();
@@ -795,7 +855,13 @@ impl Pipeline {
             }
         }
         while let Some((segment, mode)) = segments.pop_front() {
-            self.process_segment(segment, mode, source.as_deref_mut(), Vec::new())
+            // Only the last segment may queue the next batch behind it (batches apply in order).
+            let gather = if segments.is_empty() {
+                source.as_deref_mut()
+            } else {
+                None
+            };
+            self.process_segment(segment, mode, gather, Vec::new(), None)
                 .await?;
             if self.cancel.is_cancelled() {
                 // Messages not yet processed are left unacked: redelivered to the next run.
@@ -805,61 +871,136 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Hands a batch to the applying thread. `queued`: behind a batch not yet complete, so it
+    /// is handed back unapplied if that one fails.
+    fn submit(
+        &mut self,
+        batch: Vec<Incoming>,
+        decoded: Vec<Item>,
+        house: Housekeeping,
+        queued: bool,
+    ) -> Result<ApplyTask, PipelineError> {
+        let (store, spec) = (self.store.clone(), self.spec.clone());
+        let created_ns = self.stream_created_ns;
+        // Per-event log fields, captured only when someone listens at debug level.
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        let failed = self.last_failed.clone();
+        let task = self.applier()?.run(move || {
+            // Invariant (order per key): a batch never commits after one before it failed;
+            // the failed one is retried first, then this one is handed to the thread again.
+            if queued && failed.load(Ordering::Acquire) {
+                return (None, house, batch, None, None, decoded);
+            }
+            // Stays set if the apply panics.
+            failed.store(true, Ordering::Release);
+            // Whatever was not decoded ahead is decoded on the thread that applies.
+            let (mut items, position) = items(&spec, created_ns, &batch, decoded);
+            let described = debug.then(|| describe(&items, &batch));
+            let range = items
+                .first()
+                .map(Item::seq)
+                .zip(position.as_ref().map(|p| p.seq));
+            let applied = store.apply_from(&spec, &mut items, &house, position.as_ref());
+            failed.store(applied.is_err(), Ordering::Release);
+            (Some(applied), house, batch, described, range, items)
+        });
+        Ok(Box::pin(task))
+    }
+
+    /// Drops the queued batch, which its failed predecessor makes the applying thread hand back
+    /// unapplied (with the housekeeping it carried, kept for the next batch).
+    async fn drop_queued(&mut self) {
+        let Some(queued) = self.queued.take() else {
+            return;
+        };
+        match queued.task.await {
+            Ok((None, house, ..)) => self.fx.restore_house(house),
+            Ok((Some(_), ..)) => {
+                error!("a batch queued behind a failed one was applied; its messages stay unacked")
+            }
+            Err(err) => warn!(error = %err, "the queued batch's task failed"),
+        }
+    }
+
+    /// Queues the batch gathered ahead (whole, decoded) on the applying thread, behind the one
+    /// it applies.
+    fn queue_next(&mut self, source: &mut Source) -> Result<(), PipelineError> {
+        let batch = source.take_ahead();
+        let spare = std::mem::take(&mut self.spare_items);
+        let decoded = std::mem::replace(&mut self.ahead_items, spare);
+        let redelivered = batch.iter().filter(|m| m.delivered > 1).count();
+        self.metrics.redeliveries.inc_by(redelivered as u64);
+        let size = batch.len();
+        let house = self.fx.take_house();
+        let task = self.submit(batch, decoded, house, true)?;
+        self.queued = Some(Queued { task, size });
+        Ok(())
+    }
+
     /// Applies one segment end to end; `decoded` holds items decoded ahead (used where they are
-    /// the segment's first ones, see [`items`]).
+    /// the segment's first ones, see [`items`]). With `queued`, the segment is that batch,
+    /// already handed to the applying thread (`messages` is then empty).
     async fn process_segment(
         &mut self,
         messages: Vec<Incoming>,
         mode: Mode,
         mut source: Option<&mut Source>,
         mut decoded: Vec<Item>,
+        queued: Option<Queued>,
     ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let span = info_span!(
             "batch",
-            size = messages.len(),
+            size = queued.as_ref().map_or(messages.len(), |q| q.size),
             first_seq = tracing::field::Empty,
             last_seq = tracing::field::Empty
         );
+        // (A queued batch's were counted when it was queued.)
         let redelivered = messages.iter().filter(|m| m.delivered > 1).count();
         self.metrics.redeliveries.inc_by(redelivered as u64);
+        let max_deliver = self.spec.config.max_deliver;
         let mut attempt = 0u32;
         let mut described: Option<Vec<EventLog>> = None;
         let mut messages = messages;
+        let mut pending = queued.map(|q| q.task);
         let applied: Applied = loop {
-            let house = self.fx.take_house();
-            let (store, spec) = (self.store.clone(), self.spec.clone());
-            let created_ns = self.stream_created_ns;
-            // Per-event log fields, captured only when someone listens at debug level.
-            let debug = tracing::enabled!(tracing::Level::DEBUG);
-            let batch = std::mem::take(&mut messages);
-            // Whatever was not decoded ahead is decoded on the thread that applies.
-            let decoded = std::mem::take(&mut decoded);
-            let task = self.applier()?.run(move || {
-                let (mut items, position) = items(&spec, created_ns, &batch, decoded);
-                let described = debug.then(|| describe(&items, &batch));
-                let range = items
-                    .first()
-                    .map(Item::seq)
-                    .zip(position.as_ref().map(|p| p.seq));
-                let applied = store.apply_from(&spec, &mut items, &house, position.as_ref());
-                (applied, house, batch, described, range, items)
-            });
+            let mut task = match pending.take() {
+                Some(task) => task,
+                None => {
+                    let house = self.fx.take_house();
+                    let batch = std::mem::take(&mut messages);
+                    let decoded = std::mem::take(&mut decoded);
+                    self.submit(batch, decoded, house, false)?
+                }
+            };
             let result = match source.as_deref_mut() {
                 // Messages arriving meanwhile become the next batch: the applying thread does
                 // not wait for this task to take them from the subscription. Once shutdown is
                 // requested nothing more is taken (the contract's drain stops fetching).
                 // They are also decoded here meanwhile, a chunk at a time, so that the applying
-                // thread only applies (decoding is a fifth of its work).
+                // thread only applies (decoding is a fifth of its work). During a catch-up the
+                // next batch, once whole and decoded, is queued on the applying thread.
                 Some(source) => {
-                    tokio::pin!(task);
                     let cancel = self.cancel.clone();
-                    let (spec, ahead) = (self.spec.clone(), &mut self.ahead_items);
+                    let spec = self.spec.clone();
                     loop {
+                        let ahead = &mut self.ahead_items;
                         let undecoded = source.ahead().len() != ahead.len();
+                        let queue = mode == Mode::Normal
+                            && self.queued.is_none()
+                            && !undecoded
+                            && !cancel.is_cancelled()
+                            && source.ahead_full()
+                            // Messages on their last delivery go alone (see `process`).
+                            && !source
+                                .ahead()
+                                .iter()
+                                .any(|m| max_deliver > 0 && m.delivered >= max_deliver);
+                        let mut queue_now = false;
                         tokio::select! {
                             biased;
                             done = &mut task => break done,
+                            () = std::future::ready(()), if queue => queue_now = true,
                             // Decoding first: what is gathered is decoded before more is
                             // gathered, so the next batch reaches the applying thread decoded.
                             () = std::future::ready(()), if undecoded => {
@@ -868,9 +1009,27 @@ impl Pipeline {
                             () = source.gather(), if !cancel.is_cancelled() => {}
                             () = cancel.cancelled(), if !cancel.is_cancelled() => {}
                         }
+                        if queue_now {
+                            self.queue_next(source)?;
+                        }
                     }
                 }
                 None => task.await,
+            };
+            let result = match result {
+                // Queued behind a batch that failed: handed to the thread again, as a batch of
+                // its own, once that one is complete.
+                Ok((None, house, back, _, _, items)) => {
+                    info!(parent: &span, "the batch queued behind a failed one goes to the applying thread again");
+                    self.fx.restore_house(house);
+                    messages = back;
+                    decoded = items;
+                    continue;
+                }
+                Ok((Some(applied), house, back, logs, range, used)) => {
+                    Ok((applied, house, back, logs, range, used))
+                }
+                Err(err) => Err(err),
             };
             let result = result.map(|(applied, house, back, logs, range, mut used)| {
                 messages = back;
@@ -922,6 +1081,9 @@ impl Pipeline {
                         let reason = format!("store unavailable: {err}");
                         error!(parent: &span, error = %err, attempt, "store write failed; holding the batch and retrying");
                         if !self.fx.hold(&[&messages], reason, attempt).await {
+                            // Cancelled with this batch unapplied: a batch queued behind it must
+                            // not be applied either (order per key); both stay unacked.
+                            self.drop_queued().await;
                             return Ok(());
                         }
                         if let Err(reopen) = self.store.reopen() {
