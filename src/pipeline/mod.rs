@@ -141,7 +141,7 @@ pub struct Pipeline {
     applier: Option<applier::Applier>,
     /// During a catch-up, the next batch, queued on the applying thread while the one before
     /// it is applied, so that the thread goes from one to the next without waiting for this
-    /// task. Completed before anything else happens between batches.
+    /// task. Completed before the next fetch, a recovery after a re-bind, and shutdown.
     queued: Option<Queued>,
     /// Whether the last batch the applying thread took up failed (or panicked). A queued batch
     /// behind it is then handed back unapplied (see [`Pipeline::submit`]).
