@@ -827,10 +827,9 @@ impl Pipeline {
         mut source: Option<&mut Source>,
     ) -> Result<(), PipelineError> {
         let max_deliver = self.spec.config.max_deliver;
-        let is_last = |m: &Incoming| max_deliver > 0 && m.delivered >= max_deliver;
+        let is_last = |m: &Incoming| on_last_delivery(m, max_deliver);
         let mut segments: VecDeque<(Vec<Incoming>, Mode)> = VecDeque::new();
-        let spare = std::mem::take(&mut self.spare_items);
-        let decoded = std::mem::replace(&mut self.ahead_items, spare);
+        let decoded = self.take_decoded_ahead();
         if messages.is_empty() {
             return Ok(());
         } else if !messages.iter().any(is_last) {
@@ -922,14 +921,25 @@ impl Pipeline {
         }
     }
 
+    /// The items decoded ahead (the gathered messages' first ones); the spare vector takes
+    /// their place for the next batch's.
+    fn take_decoded_ahead(&mut self) -> Vec<Item> {
+        let spare = std::mem::take(&mut self.spare_items);
+        std::mem::replace(&mut self.ahead_items, spare)
+    }
+
+    /// Counts the redelivered messages of a batch.
+    fn count_redeliveries(&self, messages: &[Incoming]) {
+        let redelivered = messages.iter().filter(|m| m.delivered > 1).count();
+        self.metrics.redeliveries.inc_by(redelivered as u64);
+    }
+
     /// Queues the batch gathered ahead (whole, decoded) on the applying thread, behind the one
     /// it applies.
     fn queue_next(&mut self, source: &mut Source) -> Result<(), PipelineError> {
         let batch = source.take_ahead();
-        let spare = std::mem::take(&mut self.spare_items);
-        let decoded = std::mem::replace(&mut self.ahead_items, spare);
-        let redelivered = batch.iter().filter(|m| m.delivered > 1).count();
-        self.metrics.redeliveries.inc_by(redelivered as u64);
+        let decoded = self.take_decoded_ahead();
+        self.count_redeliveries(&batch);
         let size = batch.len();
         let house = self.fx.take_house();
         let task = self.submit(batch, decoded, house, true)?;
@@ -956,8 +966,7 @@ impl Pipeline {
             last_seq = tracing::field::Empty
         );
         // (A queued batch's were counted when it was queued.)
-        let redelivered = messages.iter().filter(|m| m.delivered > 1).count();
-        self.metrics.redeliveries.inc_by(redelivered as u64);
+        self.count_redeliveries(&messages);
         let max_deliver = self.spec.config.max_deliver;
         let mut attempt = 0u32;
         let mut described: Option<Vec<EventLog>> = None;
@@ -995,7 +1004,7 @@ impl Pipeline {
                             && !source
                                 .ahead()
                                 .iter()
-                                .any(|m| max_deliver > 0 && m.delivered >= max_deliver);
+                                .any(|m| on_last_delivery(m, max_deliver));
                         let mut queue_now = false;
                         tokio::select! {
                             biased;
@@ -1164,6 +1173,11 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Whether `m` is on its last delivery (`max_deliver` 0 or less: unlimited deliveries).
+fn on_last_delivery(m: &Incoming, max_deliver: i64) -> bool {
+    max_deliver > 0 && m.delivered >= max_deliver
 }
 
 /// Decodes up to [`DECODE_AHEAD_CHUNK`] more of the messages gathered ahead into `decoded`

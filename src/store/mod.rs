@@ -447,8 +447,9 @@ fn lock_or_forget<T: Default>(cache: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| StoreError::Other(format!("encode: {e}")))
+    let mut bytes = Vec::new();
+    encode_into(value, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// Encodes like [`encode`], into `buf` (cleared first): a batch's records share one buffer
