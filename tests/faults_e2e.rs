@@ -275,3 +275,75 @@ backoff = ["200ms"]
         assert_eq!(value["state"]["count"], json!(75), "{key}: {value}");
     }
 }
+
+/// During a catch-up without KV and with bulk acks, a batch with another queued behind it
+/// commits without an fsync, its ack held for the next durable commit. When the disk fails in
+/// that durable commit, the unsynced batches are lost with it: the pipeline must read the
+/// unacked range back from the stream, in order, rather than retry the failed batch alone
+/// (which would put its keys past the lost events, and its bulk ack would ack them). A
+/// `counter` over 40 keys shows any event lost: every key must count all of its 150 events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_failure_after_unsynced_commits_reads_them_back() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "COUNTS", &["counts.>"]).await;
+    let events = (0..6000)
+        .map(|n| {
+            let data = json!({"k": format!("k{}", n % 40)});
+            (
+                "counts.add".to_owned(),
+                cloudevent(&format!("e{n}"), "add", data),
+            )
+        })
+        .collect();
+    publish_all(&js, events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let projection = r#"
+[[projection]]
+name = "counts"
+stream = "COUNTS"
+key = "{data.k}"
+reducer = "counter"
+ack_policy = "all"
+batch = 64
+max_ack_pending = 4096
+backoff = ["200ms"]
+"#;
+    let config = write_config(&server, dir.path(), port, projection);
+    let log = dir.path().join("projector.log");
+    // The disk fails in the third durable commit that follows unsynced ones.
+    let env = [
+        ("NATS_PROJECTOR_FAIL_DISK", "3"),
+        ("RUST_LOG", "warn,nats_projector::pipeline=info"),
+    ];
+    let projector = Child2::run(&config, &env, &log);
+    wait_drained(
+        &js,
+        "COUNTS",
+        "projector__counts_v1",
+        Duration::from_secs(60),
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail = || text.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+    assert!(
+        text.contains("injected disk failure"),
+        "the disk should have failed: {}",
+        tail()
+    );
+    assert!(
+        text.contains("after batches committed without an fsync"),
+        "the failure should have met unsynced commits: {}",
+        tail()
+    );
+    assert_eq!(projector.terminate(), Some(0));
+    let store = nats_projector::store::Store::open(&dir.path().join("store.redb"), 8).unwrap();
+    let records = store.records("counts@v1").unwrap();
+    assert_eq!(records.len(), 40);
+    for (key, record) in records {
+        let state: serde_json::Value =
+            serde_json::from_slice(record.state.as_ref().unwrap()).unwrap();
+        assert_eq!(state["count"], json!(150), "{key}: {state}\n{}", tail());
+    }
+}

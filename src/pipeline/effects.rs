@@ -148,6 +148,11 @@ impl Effects {
             .store(bulk, std::sync::atomic::Ordering::Release);
     }
 
+    /// Whether the bound durable acks every earlier delivery with one ack.
+    pub fn bulk_acks(&self) -> bool {
+        self.bulk_acks.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Waits until `bytes` more of pending KV writes fit the budget (always when none are
     /// pending), then counts them. `keys`: the projection's key count after the batch.
     pub async fn reserve_kv(&self, bytes: usize, keys: u64) {
@@ -422,7 +427,7 @@ impl Effects {
                 }
             }
         }
-        if !self.bulk_acks.load(std::sync::atomic::Ordering::Acquire) {
+        if !self.bulk_acks() {
             for c in &group {
                 consume::ack_all(&self.client, &c.messages, AckKind::Ack).await;
             }

@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
@@ -49,6 +49,10 @@ const KV_IN_FLIGHT: usize = 1024;
 /// Messages gathered ahead that are decoded at a time while a batch is applied, between checks
 /// of whether the applying thread is done (so that it never waits long for the next batch).
 const DECODE_AHEAD_CHUNK: usize = 64;
+/// During a catch-up without KV and with bulk acks, batches committed in a row without an fsync
+/// at most: a batch with another queued behind it commits unsynced, and its acks wait for the
+/// next durable commit (every `MAX_UNSYNCED + 1`-th batch at least, or the catch-up's last).
+const MAX_UNSYNCED: u32 = 3;
 
 /// What a batch's job on the applying thread gives back: the store's answer (`None`: not
 /// applied, because the batch was queued behind one that failed), the housekeeping it carried,
@@ -146,6 +150,19 @@ pub struct Pipeline {
     /// Whether the last batch the applying thread took up failed (or panicked). A queued batch
     /// behind it is then handed back unapplied (see [`Pipeline::submit`]).
     last_failed: Arc<AtomicBool>,
+    /// Jobs handed to the applying thread so far (a job's number is its rank).
+    jobs_submitted: u64,
+    /// The number of the job that has a batch queued behind it: that job may commit without
+    /// an fsync, the batch behind it (or one after) commits durably.
+    queued_behind: Arc<AtomicU64>,
+    /// Batches the applying thread committed in a row without an fsync.
+    unsynced_streak: Arc<AtomicU32>,
+    /// Batches committed without an fsync, in order, held (not acked, no DLQ publish) until a
+    /// later commit is durable. Only without KV (so they carry no KV writes).
+    unsynced: Vec<Committed>,
+    /// Set when the store may have lost unsynced commits (a later commit failed): the unacked
+    /// range is read back from the stream before anything newer, as after a re-bind.
+    recover_needed: bool,
 }
 
 impl Pipeline {
@@ -190,6 +207,11 @@ impl Pipeline {
             applier: None,
             queued: None,
             last_failed: Arc::new(AtomicBool::new(false)),
+            jobs_submitted: 0,
+            queued_behind: Arc::new(AtomicU64::new(0)),
+            unsynced_streak: Arc::new(AtomicU32::new(0)),
+            unsynced: Vec::new(),
+            recover_needed: false,
         }
     }
 
@@ -248,8 +270,19 @@ impl Pipeline {
                 if self.cancel.is_cancelled() {
                     break;
                 }
-            } else if source.rebound() && !self.recover(source.consumer()).await? {
-                break;
+            }
+            if self.queued.is_none() && (source.rebound() || self.recover_needed) {
+                self.recover_needed = true;
+                if !self.recover(source.consumer()).await? {
+                    break;
+                }
+                // Postponed (consumer info failed): nothing newer is fetched before it ran.
+                if self.recover_needed {
+                    if !self.pause(Duration::from_secs(1)).await {
+                        break;
+                    }
+                    continue;
+                }
             }
             let every = self.spec.config.lag_sample_interval;
             if self.last_sample.is_none_or(|t| t.elapsed() >= every) {
@@ -305,6 +338,14 @@ impl Pipeline {
         if let Some(queued) = self.queued.take() {
             self.process_segment(Vec::new(), Mode::Normal, None, Vec::new(), Some(queued))
                 .await?;
+        }
+        // Only a batch queued behind commits unsynced, and that one was just completed.
+        if !self.unsynced.is_empty() {
+            error!(
+                batches = self.unsynced.len(),
+                "batches committed without an fsync are left unacked (redelivered)"
+            );
+            self.unsynced.clear();
         }
         Ok(())
     }
@@ -773,6 +814,7 @@ impl Pipeline {
             info.delivered.stream_sequence,
         );
         if info.num_ack_pending == 0 || delivered <= floor {
+            self.recover_needed = false;
             return Ok(true);
         }
         info!(
@@ -816,6 +858,7 @@ impl Pipeline {
             }
             cursor = last;
         }
+        self.recover_needed = false;
         Ok(true)
     }
 
@@ -862,7 +905,7 @@ impl Pipeline {
             };
             self.process_segment(segment, mode, gather, Vec::new(), None)
                 .await?;
-            if self.cancel.is_cancelled() {
+            if self.cancel.is_cancelled() || self.recover_needed {
                 // Messages not yet processed are left unacked: redelivered to the next run.
                 break;
             }
@@ -884,6 +927,15 @@ impl Pipeline {
         // Per-event log fields, captured only when someone listens at debug level.
         let debug = tracing::enabled!(tracing::Level::DEBUG);
         let failed = self.last_failed.clone();
+        self.jobs_submitted += 1;
+        let job = self.jobs_submitted;
+        if queued {
+            self.queued_behind.store(job - 1, Ordering::Release);
+        }
+        let (behind, streak) = (self.queued_behind.clone(), self.unsynced_streak.clone());
+        // Held batches carry no KV writes, housekeeping is folded in durably only, and with an
+        // ack per message holding acks back measured slower (nats-server takes them in bursts).
+        let may_defer = spec.config.kv_bucket.is_none() && house.is_empty() && self.fx.bulk_acks();
         let task = self.applier()?.run(move || {
             // Invariant (order per key): a batch never commits after one before it failed;
             // the failed one is retried first, then this one is handed to the thread again.
@@ -899,8 +951,26 @@ impl Pipeline {
                 .first()
                 .map(Item::seq)
                 .zip(position.as_ref().map(|p| p.seq));
-            let applied = store.apply_from(&spec, &mut items, &house, position.as_ref());
+            // Decided at the commit: unsynced only with a batch queued behind this one, which
+            // (or one after it) then commits durably.
+            let defer_sync = || {
+                let defer = may_defer
+                    && behind.load(Ordering::Acquire) == job
+                    && streak.load(Ordering::Relaxed) < MAX_UNSYNCED;
+                let in_a_row = if defer {
+                    streak.load(Ordering::Relaxed) + 1
+                } else {
+                    0
+                };
+                streak.store(in_a_row, Ordering::Relaxed);
+                defer
+            };
+            let applied =
+                store.apply_deferring(&spec, &mut items, &house, position.as_ref(), defer_sync);
             failed.store(applied.is_err(), Ordering::Release);
+            if applied.is_err() {
+                streak.store(0, Ordering::Relaxed);
+            }
             (Some(applied), house, batch, described, range, items)
         });
         Ok(Box::pin(task))
@@ -1088,6 +1158,9 @@ impl Pipeline {
                             return Ok(());
                         }
                         let reason = format!("store unavailable: {err}");
+                        if !self.unsynced.is_empty() {
+                            return self.lose_unsynced(&span, &err, &messages, reason).await;
+                        }
                         error!(parent: &span, error = %err, attempt, "store write failed; holding the batch and retrying");
                         if !self.fx.hold(&[&messages], reason, attempt).await {
                             // Cancelled with this batch unapplied: a batch queued behind it must
@@ -1152,8 +1225,48 @@ impl Pipeline {
             keys: applied.keys,
             started,
         };
-        // The sink writes KV, dead-letters and acks, in commit order, while the next batch is
-        // applied.
+        // Invariant (ack after durable): a batch committed unsynced is held until a later
+        // commit is durable, then goes to the sink ahead of that one (commit order).
+        if applied.unsynced {
+            self.metrics.unsynced_commits.inc();
+            self.unsynced.push(committed);
+            return Ok(());
+        }
+        for held in std::mem::take(&mut self.unsynced) {
+            self.complete(held).await?;
+        }
+        self.complete(committed).await
+    }
+
+    /// After a store failure, with batches committed unsynced before it: those may be lost
+    /// (redb closes a failed handle), so rather than retrying this batch alone (which would
+    /// put its keys past the events of the lost ones), the pipeline holds it once, reopens
+    /// the store, and reads the whole unacked range back from the stream in order.
+    async fn lose_unsynced(
+        &mut self,
+        span: &tracing::Span,
+        err: &StoreError,
+        messages: &[Incoming],
+        reason: String,
+    ) -> Result<(), PipelineError> {
+        error!(parent: span, error = %err, unsynced = self.unsynced.len(),
+            "store write failed after batches committed without an fsync; reading the unacked range back");
+        // Their messages stay unacked: the recovery reads them back.
+        self.unsynced.clear();
+        let held = self.fx.hold(&[messages], reason, 0).await;
+        self.drop_queued().await;
+        if held {
+            if let Err(reopen) = self.store.reopen() {
+                warn!(error = %reopen, "store reopen failed");
+            }
+            self.recover_needed = true;
+        }
+        Ok(())
+    }
+
+    /// Hands a committed (durable) batch to the sink: it writes KV, dead-letters and acks, in
+    /// commit order, while the next batch is applied.
+    async fn complete(&mut self, committed: Committed) -> Result<(), PipelineError> {
         match &self.jobs {
             Some(jobs) => {
                 let bytes = committed.kv_writes.iter().map(effects::write_bytes).sum();

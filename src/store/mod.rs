@@ -7,6 +7,8 @@
 //! Every table of a projection is namespaced by `name@vVERSION`, so a rebuild can write a new
 //! version beside the live one.
 
+#[cfg(feature = "fault-injection")]
+mod faulty;
 mod filter;
 mod namespaces;
 mod record;
@@ -307,8 +309,11 @@ pub struct Applied {
     pub outbox_len: u64,
     /// Keys (records, tombstones included) of the projection after the commit.
     pub keys: u64,
-    /// How long the durable commit took (page writes and fsync).
+    /// How long the commit took (page writes and fsync).
     pub commit_time: std::time::Duration,
+    /// Committed without an fsync ([`Store::apply_deferring`]): visible, but durable only once
+    /// a later commit is, so nothing it settled may be acked before then.
+    pub unsynced: bool,
 }
 
 /// The state slot of a key while a batch is being applied.
@@ -583,6 +588,7 @@ impl Store {
         house: &Housekeeping,
         position: Option<&Position>,
         below_floor: BelowFloor,
+        defer_sync: impl FnOnce() -> bool,
     ) -> Result<Applied, StoreError> {
         if crate::pipeline::crash::store_failure() {
             return Err(StoreError::Io(std::io::Error::other(
@@ -593,7 +599,7 @@ impl Store {
         let tables = Tables::new(&spec.namespace);
         let with_kv = spec.config.kv_bucket.is_some();
         let window = spec.dedupe_window_ms;
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
         let mut filters = self.filters();
         let mut run_index = self.run_index();
         let mut scratch = lock_or_forget(&self.scratch);
@@ -853,6 +859,14 @@ impl Store {
             applied.outbox_len = outbox.len()?;
             applied.keys = records.len()?;
         }
+        // Asked for at the last moment: the caller knows best then whether a batch follows.
+        if defer_sync() {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Other(format!("set durability: {e}")))?;
+            applied.unsynced = true;
+        }
+        #[cfg(feature = "fault-injection")]
+        faulty::before_commit(applied.unsynced);
         let committing = std::time::Instant::now();
         txn.commit()?;
         applied.commit_time = committing.elapsed();
@@ -1047,7 +1061,26 @@ impl Store {
         house: &Housekeeping,
         position: Option<&Position>,
     ) -> Result<Applied, StoreError> {
-        guard(|| self.apply_unguarded(spec, items, house, position, BelowFloor::Skip))
+        self.apply_deferring(spec, items, house, position, || false)
+    }
+
+    /// Like [`Store::apply_from`]; when `defer_sync` (called just before the commit) says so,
+    /// commits without an fsync ([`Applied::unsynced`]). Such a commit is visible at once and
+    /// becomes durable with the next durable commit (or when the database is closed); a crash
+    /// or a failed commit before then may lose it. What it settled must not be acked until a
+    /// later commit is durable.
+    pub fn apply_deferring(
+        &self,
+        spec: &Spec,
+        items: &mut [Item],
+        house: &Housekeeping,
+        position: Option<&Position>,
+        defer_sync: impl FnOnce() -> bool,
+    ) -> Result<Applied, StoreError> {
+        guard(|| {
+            let below = BelowFloor::Skip;
+            self.apply_unguarded(spec, items, house, position, below, defer_sync)
+        })
     }
 
     /// Applies events of a bounded replay (a backfill): like [`Store::apply`], but events at or
@@ -1056,7 +1089,7 @@ impl Store {
     /// The checkpoint does not move.
     pub fn backfill(&self, spec: &Spec, mut items: Vec<Item>) -> Result<Applied, StoreError> {
         let house = Housekeeping::default();
-        guard(|| self.apply_unguarded(spec, &mut items, &house, None, BelowFloor::Apply))
+        guard(|| self.apply_unguarded(spec, &mut items, &house, None, BelowFloor::Apply, || false))
     }
 
     /// Folds confirmations into the store on their own; returns the outbox size.
@@ -1444,7 +1477,23 @@ impl Store {
 }
 
 fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
-    match Database::builder().set_cache_size(cache_bytes).create(path) {
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_bytes);
+    #[cfg(feature = "fault-injection")]
+    if faulty::fail_at().is_some() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(StoreError::Io)?;
+        return match faulty::FaultyDisk::new(file) {
+            Ok(disk) => builder.create_with_backend(disk).map_err(StoreError::from),
+            Err(err) => Err(err.into()),
+        };
+    }
+    match builder.create(path) {
         Ok(db) => Ok(db),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Locked(path.to_owned())),
         Err(err) => Err(err.into()),
