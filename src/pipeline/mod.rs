@@ -52,7 +52,7 @@ const DECODE_AHEAD_CHUNK: usize = 64;
 /// During a catch-up without KV and with bulk acks, batches committed in a row without an fsync
 /// at most: a batch with another queued behind it commits unsynced, and its acks wait for the
 /// next durable commit (every `MAX_UNSYNCED + 1`-th batch at least, or the catch-up's last).
-const MAX_UNSYNCED: u32 = 3;
+const MAX_UNSYNCED: u32 = 7;
 
 /// What a batch's job on the applying thread gives back: the store's answer (`None`: not
 /// applied, because the batch was queued behind one that failed), the housekeeping it carried,
