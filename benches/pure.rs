@@ -105,6 +105,15 @@ fn key_template(c: &mut Criterion) {
     });
 }
 
+/// The ack subject of every delivered message (the durable's reply subject, 2.9+ form).
+fn ack_subject(c: &mut Criterion) {
+    let reply = "$JS.ACK._.ACCHASH.K10K.projector__bench_v1.1.1042977.1042977.1764800000123456789.\
+                 398123.a1b2c3";
+    c.bench_function("consume/parse_reply", |b| {
+        b.iter(|| nats_projector::consume::parse_reply(std::hint::black_box(reply)).unwrap())
+    });
+}
+
 fn reducers(c: &mut Criterion) {
     let event: Event = Decoder::default().decode(&payload(1, 1)).unwrap();
     let state =
@@ -243,6 +252,7 @@ criterion_group!(
     benches,
     decode,
     key_template,
+    ack_subject,
     reducers,
     batch_apply,
     batch_whole

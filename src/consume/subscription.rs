@@ -65,26 +65,53 @@ pub struct Delivery {
 /// or, from servers since 2.9, `$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.
 /// <sseq>.<cseq>.<ns>.<pending>[.<token>...]`. `None` for anything else.
 pub fn parse_reply(reply: &str) -> Option<Delivery> {
-    let rest = reply.strip_prefix("$JS.ACK.")?;
-    let mut tokens: [&str; 10] = [""; 10];
-    let mut n = 0;
-    for token in rest.split('.') {
-        if n < tokens.len() {
-            tokens[n] = token;
+    // One pass over the bytes (this runs for every delivered message): where each of the
+    // first ten tokens starts, and how many tokens there are.
+    let rest = reply.strip_prefix("$JS.ACK.")?.as_bytes();
+    let mut starts = [0usize; 10];
+    let mut n = 1;
+    for (i, &b) in rest.iter().enumerate() {
+        if b == b'.' {
+            if n < starts.len() {
+                starts[n] = i + 1;
+            }
+            n += 1;
         }
-        n += 1;
     }
-    let numbers = match n {
-        7 => &tokens[2..7],
-        n if n >= 9 => &tokens[4..9],
+    let first = match n {
+        7 => 2,
+        n if n >= 9 => 4,
         _ => return None,
     };
-    let nanos: u64 = numbers[3].parse().ok()?;
+    // Token `first + i`; every one asked for (at most the 9th) ends before a known start.
+    let number = |i: usize| {
+        let t = first + i;
+        let end = if t + 1 < n {
+            starts[t + 1] - 1
+        } else {
+            rest.len()
+        };
+        decimal(&rest[starts[t]..end])
+    };
     Some(Delivery {
-        delivered: numbers[0].parse().ok()?,
-        seq: numbers[1].parse().ok()?,
-        publish_ms: nanos / 1_000_000,
-        pending: numbers[4].parse().ok()?,
+        delivered: i64::try_from(number(0)?).ok()?,
+        seq: number(1)?,
+        publish_ms: number(3)? / 1_000_000,
+        pending: number(4)?,
+    })
+}
+
+/// An unsigned decimal number: ASCII digits only, at least one, no overflow.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value.checked_mul(10)?.checked_add(u64::from(digit))
     })
 }
 
@@ -364,6 +391,9 @@ mod tests {
             "$JS.ACK.s.c.1.2.3.4.5.6",
             "$JS.ACK.s.c.x.2.3.4.5",
             "$JS.ACK.s.c.1.-2.3.4.5",
+            "$JS.ACK.s.c.+1.2.3.4.5",
+            "$JS.ACK.s.c.1..3.4.5",
+            "$JS.ACK.s.c.1.2.3.18446744073709551616.5",
             "$JS.ACK.d.a.s.c.1.2.3.4.",
             "$JS.ACKs.c.1.2.3.4.5",
         ] {

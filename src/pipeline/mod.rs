@@ -1,9 +1,10 @@
 //! One projection's loop: fetch → decode → apply (one redb transaction) → KV → DLQ → ack.
 //!
 //! Ack ordering, the invariant everything else serves: a message is acked only after
-//! (1) the redb transaction holding its effect committed, (2) KV acknowledged the write of
-//! every key the batch changed (driven from the durable outbox, so a crash in between loses
-//! nothing), and (3) for a poison event, the DLQ stream acknowledged the dead letter.
+//! (1) the redb transaction holding its effect committed durably (itself, or a later one when
+//! it committed without an fsync), (2) KV acknowledged the write of every key the batch changed
+//! (driven from the durable outbox, so a crash in between loses nothing), and (3) for a poison
+//! event, the DLQ stream acknowledged the dead letter.
 //!
 //! Infrastructure failures (store I/O, KV or NATS unavailable) hold the batch in hand: it is
 //! kept alive with in-progress acks and retried on the `backoff` schedule, never NAKed, so no
@@ -1146,6 +1147,12 @@ impl Pipeline {
                         return Err(PipelineError::Fatal(err.to_string()));
                     }
                     StoreErrorKind::Transient => {
+                        // Before anything that acks (a dead letter on the last delivery would,
+                        // with bulk acks, ack the unsynced batches' messages too).
+                        if !self.unsynced.is_empty() {
+                            let reason = format!("store unavailable: {err}");
+                            return self.lose_unsynced(&span, &err, &messages, reason).await;
+                        }
                         if mode == Mode::LastDelivery {
                             let poison = Poison::new(
                                 ErrorCode::StoreUnavailable,
@@ -1158,9 +1165,6 @@ impl Pipeline {
                             return Ok(());
                         }
                         let reason = format!("store unavailable: {err}");
-                        if !self.unsynced.is_empty() {
-                            return self.lose_unsynced(&span, &err, &messages, reason).await;
-                        }
                         error!(parent: &span, error = %err, attempt, "store write failed; holding the batch and retrying");
                         if !self.fx.hold(&[&messages], reason, attempt).await {
                             // Cancelled with this batch unapplied: a batch queued behind it must

@@ -3,7 +3,9 @@
 //! letters and the checkpoint.
 //!
 //! A fetched batch is applied in ONE write transaction ([`Store::apply`]); the KV writes and the
-//! acks happen only after it commits (durably: redb's default `Durability::Immediate` fsyncs).
+//! acks happen only after it commits durably: redb's default `Durability::Immediate` fsyncs,
+//! and a batch committed without an fsync ([`Store::apply_deferring`]) waits for a later
+//! durable commit.
 //! Every table of a projection is namespaced by `name@vVERSION`, so a rebuild can write a new
 //! version beside the live one.
 
@@ -574,8 +576,9 @@ impl Store {
         Ok(())
     }
 
-    /// Applies one batch in one durable write transaction and returns what the pipeline must do
-    /// next (KV writes, dead letters, acks).
+    /// Applies one batch in one write transaction (durable unless `defer_sync`, asked just
+    /// before the commit, says otherwise) and returns what the pipeline must do next (KV
+    /// writes, dead letters, acks).
     ///
     /// Rules, per event, in this order: a sequence not newer than the key's is a duplicate; a
     /// dedupe id applied within the window is a duplicate; an epoch below the key's is stale;
