@@ -207,6 +207,68 @@ async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
 
+/// A `counter` projection over 40 keys (`k0`..`k39`) that drained `events` events of the
+/// COUNTS stream, run with `settings` added to its config and `env` set.
+struct Counts {
+    /// Kept alive (killed on drop).
+    _server: NatsServer,
+    js: async_nats::jetstream::Context,
+    dir: tempfile::TempDir,
+    port: u16,
+    projector: Child2,
+    /// The projector's log once drained.
+    log: String,
+}
+
+impl Counts {
+    async fn drained(events: usize, settings: &str, env: &[(&str, &str)]) -> Counts {
+        let server = NatsServer::start();
+        let (_client, js) = server.jetstream().await;
+        create_stream(&js, "COUNTS", &["counts.>"]).await;
+        let events = (0..events)
+            .map(|n| {
+                let data = json!({"k": format!("k{}", n % 40)});
+                let payload = cloudevent(&format!("e{n}"), "add", data);
+                ("counts.add".to_owned(), payload)
+            })
+            .collect();
+        publish_all(&js, events).await;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let projection = format!(
+            "[[projection]]\nname = \"counts\"\nstream = \"COUNTS\"\nkey = \"{{data.k}}\"\n\
+             reducer = \"counter\"\nbatch = 64\nmax_ack_pending = 4096\nbackoff = [\"200ms\"]\n\
+             {settings}\n"
+        );
+        let config = write_config(&server, dir.path(), port, &projection);
+        let log = dir.path().join("projector.log");
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "warn,nats_projector::pipeline=info"));
+        let projector = Child2::run(&config, &env, &log);
+        let durable = "projector__counts_v1";
+        wait_drained(&js, "COUNTS", durable, Duration::from_secs(60)).await;
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        Counts {
+            _server: server,
+            js,
+            dir,
+            port,
+            projector,
+            log,
+        }
+    }
+
+    /// The last 30 lines of the log, newest first.
+    fn tail(&self) -> String {
+        self.log
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// During a catch-up the next batch is queued on the applying thread behind the one it
 /// applies. When that one fails, the queued batch is handed back unapplied, the failed one is
 /// retried, and only then is the queued one applied. A `counter` over 40 keys shows any event
@@ -214,61 +276,27 @@ async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
 /// duplicate): every key must count all of its 75 events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_queued_behind_a_failed_one_is_applied_after_it() {
-    let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "COUNTS", &["counts.>"]).await;
-    let events = (0..3000)
-        .map(|n| {
-            let data = json!({"k": format!("k{}", n % 40)});
-            (
-                "counts.add".to_owned(),
-                cloudevent(&format!("e{n}"), "add", data),
-            )
-        })
-        .collect();
-    publish_all(&js, events).await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let projection = r#"
-[[projection]]
-name = "counts"
-stream = "COUNTS"
-key = "{data.k}"
-reducer = "counter"
-kv_bucket = "counts_view"
-batch = 64
-max_ack_pending = 4096
-backoff = ["200ms"]
-"#;
-    let config = write_config(&server, dir.path(), port, projection);
-    let log = dir.path().join("projector.log");
     // The 21st batch apply fails, well inside the catch-up (one failure: had the batch queued
     // behind it been applied, it would not have failed too).
-    let env = [
-        ("NATS_PROJECTOR_FAIL_STORE", "1@20"),
-        ("RUST_LOG", "warn,nats_projector::pipeline=info"),
-    ];
-    let projector = Child2::run(&config, &env, &log);
-    wait_drained(
-        &js,
-        "COUNTS",
-        "projector__counts_v1",
-        Duration::from_secs(60),
+    let env = [("NATS_PROJECTOR_FAIL_STORE", "1@20")];
+    let run = Counts::drained(3000, "kv_bucket = \"counts_view\"", &env).await;
+    assert!(
+        run.log.contains("queued behind a failed one"),
+        "a queued batch should have met the failure: {}",
+        run.tail()
+    );
+    let retried = metric(
+        run.port,
+        "projector_events_total",
+        &[("outcome", "retried")],
     )
     .await;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        text.contains("queued behind a failed one"),
-        "a queued batch should have met the failure: {}",
-        text.lines().rev().take(30).collect::<Vec<_>>().join("\n")
-    );
-    let retried = metric(port, "projector_events_total", &[("outcome", "retried")]).await;
     assert!(
         retried.unwrap_or(0.0) >= 1.0,
         "retries are counted: {retried:?}"
     );
-    assert_eq!(projector.terminate(), Some(0));
-    let (live, deleted) = kv_snapshot(&js, "counts_view").await;
+    assert_eq!(run.projector.terminate(), Some(0));
+    let (live, deleted) = kv_snapshot(&run.js, "counts_view").await;
     assert!(deleted.is_empty());
     assert_eq!(live.len(), 40);
     for (key, value) in &live {
@@ -284,66 +312,27 @@ backoff = ["200ms"]
 /// `counter` over 40 keys shows any event lost: every key must count all of its 150 events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_failure_after_unsynced_commits_reads_them_back() {
-    let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "COUNTS", &["counts.>"]).await;
-    let events = (0..6000)
-        .map(|n| {
-            let data = json!({"k": format!("k{}", n % 40)});
-            (
-                "counts.add".to_owned(),
-                cloudevent(&format!("e{n}"), "add", data),
-            )
-        })
-        .collect();
-    publish_all(&js, events).await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let projection = r#"
-[[projection]]
-name = "counts"
-stream = "COUNTS"
-key = "{data.k}"
-reducer = "counter"
-ack_policy = "all"
-batch = 64
-max_ack_pending = 4096
-backoff = ["200ms"]
-"#;
-    let config = write_config(&server, dir.path(), port, projection);
-    let log = dir.path().join("projector.log");
     // The disk fails in the third durable commit that follows unsynced ones.
-    let env = [
-        ("NATS_PROJECTOR_FAIL_DISK", "3"),
-        ("RUST_LOG", "warn,nats_projector::pipeline=info"),
-    ];
-    let projector = Child2::run(&config, &env, &log);
-    wait_drained(
-        &js,
-        "COUNTS",
-        "projector__counts_v1",
-        Duration::from_secs(60),
-    )
-    .await;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail = || text.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+    let env = [("NATS_PROJECTOR_FAIL_DISK", "3")];
+    let run = Counts::drained(6000, "ack_policy = \"all\"", &env).await;
     assert!(
-        text.contains("injected disk failure"),
+        run.log.contains("injected disk failure"),
         "the disk should have failed: {}",
-        tail()
+        run.tail()
     );
     assert!(
-        text.contains("after batches committed without an fsync"),
+        run.log.contains("after batches committed without an fsync"),
         "the failure should have met unsynced commits: {}",
-        tail()
+        run.tail()
     );
-    assert_eq!(projector.terminate(), Some(0));
-    let store = nats_projector::store::Store::open(&dir.path().join("store.redb"), 8).unwrap();
+    let tail = run.tail();
+    assert_eq!(run.projector.terminate(), Some(0));
+    let store = nats_projector::store::Store::open(&run.dir.path().join("store.redb"), 8).unwrap();
     let records = store.records("counts@v1").unwrap();
     assert_eq!(records.len(), 40);
     for (key, record) in records {
         let state: serde_json::Value =
             serde_json::from_slice(record.state.as_ref().unwrap()).unwrap();
-        assert_eq!(state["count"], json!(150), "{key}: {state}\n{}", tail());
+        assert_eq!(state["count"], json!(150), "{key}: {state}\n{tail}");
     }
 }
