@@ -955,15 +955,10 @@ impl Pipeline {
             // Decided at the commit: unsynced only with a batch queued behind this one, which
             // (or one after it) then commits durably.
             let defer_sync = || {
-                let defer = may_defer
-                    && behind.load(Ordering::Acquire) == job
-                    && streak.load(Ordering::Relaxed) < MAX_UNSYNCED;
-                let in_a_row = if defer {
-                    streak.load(Ordering::Relaxed) + 1
-                } else {
-                    0
-                };
-                streak.store(in_a_row, Ordering::Relaxed);
+                let in_a_row = streak.load(Ordering::Relaxed);
+                let defer =
+                    may_defer && behind.load(Ordering::Acquire) == job && in_a_row < MAX_UNSYNCED;
+                streak.store(if defer { in_a_row + 1 } else { 0 }, Ordering::Relaxed);
                 defer
             };
             let applied =
@@ -1147,10 +1142,10 @@ impl Pipeline {
                         return Err(PipelineError::Fatal(err.to_string()));
                     }
                     StoreErrorKind::Transient => {
+                        let reason = format!("store unavailable: {err}");
                         // Before anything that acks (a dead letter on the last delivery would,
                         // with bulk acks, ack the unsynced batches' messages too).
                         if !self.unsynced.is_empty() {
-                            let reason = format!("store unavailable: {err}");
                             return self.lose_unsynced(&span, &err, &messages, reason).await;
                         }
                         if mode == Mode::LastDelivery {
@@ -1164,7 +1159,6 @@ impl Pipeline {
                             self.fx.dead_letter_all(&messages, poison).await;
                             return Ok(());
                         }
-                        let reason = format!("store unavailable: {err}");
                         error!(parent: &span, error = %err, attempt, "store write failed; holding the batch and retrying");
                         if !self.fx.hold(&[&messages], reason, attempt).await {
                             // Cancelled with this batch unapplied: a batch queued behind it must

@@ -66,8 +66,13 @@ impl FaultyDisk {
             self.failing.store(true, Ordering::Release);
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        Err(std::io::Error::other("injected disk failure"))
+        Err(injected())
     }
+}
+
+/// The error of a failing disk.
+fn injected() -> std::io::Error {
+    std::io::Error::other("injected disk failure")
 }
 
 impl StorageBackend for FaultyDisk {
@@ -85,7 +90,7 @@ impl StorageBackend for FaultyDisk {
 
     fn sync_data(&self) -> std::io::Result<()> {
         if self.failing.load(Ordering::Acquire) {
-            return Err(std::io::Error::other("injected disk failure"));
+            return Err(injected());
         }
         self.inner.sync_data()
     }

@@ -311,7 +311,7 @@ pub struct Applied {
     pub outbox_len: u64,
     /// Keys (records, tombstones included) of the projection after the commit.
     pub keys: u64,
-    /// How long the commit took (page writes and fsync).
+    /// How long the commit took (page writes and, unless unsynced, the fsync).
     pub commit_time: std::time::Duration,
     /// Committed without an fsync ([`Store::apply_deferring`]): visible, but durable only once
     /// a later commit is, so nothing it settled may be acked before then.
