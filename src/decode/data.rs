@@ -162,7 +162,7 @@ impl<'de> Visitor<'de> for Partial<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
         let mut map = Map::new();
         // Later duplicates win, as in a parsed `Value`.
-        while let Some(key) = access.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(key) = access.next_key_seed(Key)? {
             match self.0.child(key.as_ref()) {
                 Some(child) => {
                     let value = access.next_value_seed(Partial(child))?;
@@ -174,6 +174,182 @@ impl<'de> Visitor<'de> for Partial<'_> {
             }
         }
         Ok(Value::Object(map))
+    }
+}
+
+/// Picks the fields on `tree`'s paths out of compact JSON text the parser has already checked
+/// (a `RawValue`): what [`Partial`] builds from it, in one scan that parses only the values on
+/// the paths and steps over the rest by their delimiters. `None` where the scan does not apply
+/// (an object key with escapes, anything unexpected): the caller then parses with [`Partial`].
+///
+/// Invariant: on checked compact text, `Some` is exactly what [`Partial`] gives (property
+/// tested); on any other text it returns without panicking.
+pub(super) fn pick(text: &str, tree: &PathTree) -> Option<Value> {
+    let mut scan = Scan { text, at: 0 };
+    let value = scan.value(tree)?;
+    (scan.at == text.len()).then_some(value)
+}
+
+/// A cursor over checked compact JSON text.
+struct Scan<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    /// The value at the cursor, along `tree` (as [`Partial`] builds it).
+    fn value(&mut self, tree: &PathTree) -> Option<Value> {
+        if tree.whole || self.peek()? != b'{' {
+            let start = self.at;
+            self.skip()?;
+            return serde_json::from_str(self.text.get(start..self.at)?).ok();
+        }
+        self.at += 1;
+        let mut map = Map::new();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(Value::Object(map));
+        }
+        loop {
+            let key = self.key()?;
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.at += 1;
+            // Later duplicates win, as in a parsed `Value`.
+            match tree.child(key) {
+                Some(child) => {
+                    let value = self.value(child)?;
+                    map.insert(key.to_owned(), value);
+                }
+                None => self.skip()?,
+            }
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(Value::Object(map));
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// An object key without escapes (its text is its name).
+    fn key(&mut self) -> Option<&'a str> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let start = self.at + 1;
+        let end = quote_or_backslash(self.text.as_bytes(), start)?;
+        if self.text.as_bytes()[end] != b'"' {
+            return None;
+        }
+        self.at = end + 1;
+        self.text.get(start..end)
+    }
+
+    /// Steps over one value.
+    fn skip(&mut self) -> Option<()> {
+        let bytes = self.text.as_bytes();
+        match *bytes.get(self.at)? {
+            b'"' => self.at = string_end(bytes, self.at)?,
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match *bytes.get(self.at)? {
+                        b'"' => {
+                            self.at = string_end(bytes, self.at)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth = depth.checked_sub(1)?;
+                            if depth == 0 {
+                                self.at += 1;
+                                return Some(());
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.at += 1;
+                }
+            }
+            // A number or a literal: up to the next delimiter.
+            _ => {
+                let rest = bytes.get(self.at..)?;
+                self.at += rest
+                    .iter()
+                    .position(|b| matches!(b, b',' | b'}' | b']'))
+                    .unwrap_or(rest.len());
+            }
+        }
+        Some(())
+    }
+}
+
+/// The index just past the string whose opening quote is at `open`.
+fn string_end(bytes: &[u8], open: usize) -> Option<usize> {
+    let mut at = open + 1;
+    loop {
+        at = quote_or_backslash(bytes, at)?;
+        match bytes[at] {
+            b'"' => return Some(at + 1),
+            _ => at += 2,
+        }
+    }
+}
+
+/// The index of the first quote or backslash at or after `from`, sixteen bytes at a time (a
+/// check the compiler vectorizes) up to the chunk that has one.
+fn quote_or_backslash(bytes: &[u8], from: usize) -> Option<usize> {
+    let hit = |b: &u8| *b == b'"' || *b == b'\\';
+    let rest = bytes.get(from..)?;
+    let mut chunks = rest.chunks_exact(16);
+    let mut base = from;
+    for chunk in chunks.by_ref() {
+        if chunk.iter().fold(false, |seen, b| seen | hit(b)) {
+            return chunk.iter().position(hit).map(|at| base + at);
+        }
+        base += 16;
+    }
+    chunks.remainder().iter().position(hit).map(|at| base + at)
+}
+
+/// An object key, borrowed from the payload when it has no escapes (serde's own
+/// `Cow<str>` always allocates): envelopes and data are scanned key by key, and most keys are
+/// only compared, never kept.
+pub(crate) struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v))
     }
 }
 
@@ -224,6 +400,26 @@ mod tests {
     }
 
     #[test]
+    fn the_scan_agrees_with_the_parser_on_tricky_text() {
+        let tree = paths(&[&["k"], &["a", "b"], &["w"]]);
+        for text in [
+            r#"{"k":1,"pad":"x","k":{"z":2}}"#,
+            r#"{"a":{"b":1},"a":{"c":2}}"#,
+            r#"{"s":"}]\"{[","k":"a\"b\\","a":{"b":[{"x":"]"},2]}}"#,
+            r#"{"w":{"x":[1,{"y":null}]},"k":-1.5e3,"t":true,"f":false}"#,
+            r#"{"a":[1,2],"k":null}"#,
+            r#"{}"#,
+            r#"[1,{"k":2}]"#,
+            r#""text""#,
+            r#"12"#,
+        ] {
+            assert_eq!(pick(text, &tree), Some(partial(&tree, text)), "{text}");
+        }
+        // A key with escapes is left to the parser.
+        assert_eq!(pick(r#"{"\u006b":1}"#, &tree), None);
+    }
+
+    #[test]
     fn compact_text_is_told_from_text_with_whitespace_between_tokens() {
         assert!(is_compact(r#"{"a":"x y\n","b":[1,2]}"#));
         assert!(is_compact(r#"{"a":"say \" hi"}"#));
@@ -233,16 +429,20 @@ mod tests {
     }
 
     fn json_value() -> impl Strategy<Value = Value> {
+        json_value_with_keys("[a-c0-2]")
+    }
+
+    fn json_value_with_keys(keys: &'static str) -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::from),
-            "[a-c ]{0,3}".prop_map(Value::String),
+            "[a-c \"\\\\]{0,3}".prop_map(Value::String),
         ];
-        leaf.prop_recursive(4, 32, 4, |inner| {
+        leaf.prop_recursive(4, 32, 4, move |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                prop::collection::btree_map("[a-c0-2]", inner, 0..4)
+                prop::collection::btree_map(keys, inner, 0..4)
                     .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
@@ -258,6 +458,28 @@ mod tests {
             prop_assert!(is_compact(&compact));
             let pretty = serde_json::to_string_pretty(&value).unwrap();
             prop_assert_eq!(is_compact(&pretty), pretty == compact);
+        }
+
+        /// On compact text the scan gives what the parser gives, or leaves it to the parser
+        /// (keys with escapes only).
+        #[test]
+        fn the_scan_picks_what_the_parser_picks(
+            value in json_value_with_keys("[a-c0-2\"\\\\]"),
+            wanted in prop::collection::vec(prop::collection::vec("[a-c0-2\"\\\\]", 0..3), 0..4),
+        ) {
+            let tree = PathTree::of(wanted.iter().map(Vec::as_slice));
+            let text = serde_json::to_string(&value).unwrap();
+            match pick(&text, &tree) {
+                Some(picked) => prop_assert_eq!(picked, partial(&tree, &text)),
+                None => prop_assert!(text.contains('\\'), "no escape in {}", text),
+            }
+        }
+
+        /// Whatever the text, the scan returns.
+        #[test]
+        fn the_scan_never_panics(text in "[{}\\[\\]\":,a-c0-9\\\\ ]{0,40}") {
+            let tree = paths(&[&["a"], &["b", "c"]]);
+            let _ = pick(&text, &tree);
         }
 
         #[test]

@@ -221,11 +221,14 @@ impl Decoder {
                 // The text is kept only when compact; other data is parsed whole, and a state
                 // made of it is written compact.
                 let compact = data::is_compact(raw.get());
+                let picked = compact.then(|| data::pick(raw.get(), tree)).flatten();
                 let mut de = serde_json::Deserializer::from_str(raw.get());
-                let parsed = if compact {
-                    serde::de::DeserializeSeed::deserialize(data::Partial(tree), &mut de)
-                } else {
-                    Value::deserialize(&mut de)
+                let parsed = match picked {
+                    Some(value) => Ok(value),
+                    None if compact => {
+                        serde::de::DeserializeSeed::deserialize(data::Partial(tree), &mut de)
+                    }
+                    None => Value::deserialize(&mut de),
                 };
                 let value = parsed.map_err(|e| {
                     Poison::new(ErrorCode::InvalidJson, format!("data is not JSON: {e}"))
@@ -324,7 +327,7 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
         let mut read = Read::default();
         let names = self.decoder.read_names();
         // Later duplicates win, as in a parsed `Value`.
-        while let Some(name) = access.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(name) = access.next_key_seed(data::Key)? {
             if same_name(&name, self.data_field) {
                 data = match &self.decoder.data {
                     DataParse::Full => Data::Parsed(access.next_value()?),
