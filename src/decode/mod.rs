@@ -286,7 +286,88 @@ const READ_SLOTS: usize = 8;
 
 /// The envelope fields decoding reads, parsed apart from [`Event::envelope`] (no map entry, and
 /// moved into the event instead of copied), by slot of [`Decoder::read_names`].
-type Read = [Option<Value>; READ_SLOTS];
+type Read<'de> = [Option<Field<'de>>; READ_SLOTS];
+
+/// An envelope field decoding reads: a string borrowed from the payload where it has no
+/// escapes (a field only checked, such as `specversion` or `source`, allocates nothing), or any
+/// other JSON value.
+#[derive(Debug, Clone)]
+enum Field<'de> {
+    /// A string.
+    Text(std::borrow::Cow<'de, str>),
+    /// Any other value.
+    Other(Value),
+}
+
+impl Field<'_> {
+    fn into_value(self) -> Value {
+        match self {
+            Field::Text(text) => Value::String(text.into_owned()),
+            Field::Other(value) => value,
+        }
+    }
+}
+
+/// Parses a [`Field`].
+struct FieldSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldSeed {
+    type Value = Field<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldSeed {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Field::Text(std::borrow::Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Field::Text(std::borrow::Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Field::Text(std::borrow::Cow::Owned(v)))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Field::Other(Value::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Field::Other(Value::Number(v.into())))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Field::Other(Value::Number(v.into())))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Field::Other(
+            serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+        ))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Field::Other(Value::Null))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Field::Other)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Value::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Field::Other)
+    }
+}
 
 /// Parses an envelope object in one pass: its data field apart, the fields decoding reads into
 /// their slots, those [`Decoder::keeps`] into a map, the rest checked for syntax and skipped
@@ -305,7 +386,7 @@ enum Data<'de, 'a> {
 }
 
 impl<'de, 'a> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'a> {
-    type Value = (Read, Map<String, Value>, Data<'de, 'a>);
+    type Value = (Read<'de>, Map<String, Value>, Data<'de, 'a>);
 
     fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
         de.deserialize_map(self)
@@ -313,7 +394,7 @@ impl<'de, 'a> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'a> {
 }
 
 impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
-    type Value = (Read, Map<String, Value>, Data<'de, 'a>);
+    type Value = (Read<'de>, Map<String, Value>, Data<'de, 'a>);
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
@@ -344,7 +425,7 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
                 .position(|n| n.is_some_and(|n| same_name(n, &name)))
             {
                 Some(slot) => {
-                    let value: Value = access.next_value()?;
+                    let value = access.next_value_seed(FieldSeed)?;
                     // A field map may name one field for two roles.
                     for (other, n) in names.iter().enumerate().skip(slot + 1) {
                         if n.is_some_and(|n| same_name(n, &name)) {
@@ -352,7 +433,7 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
                         }
                     }
                     if kept {
-                        envelope.insert(name.into_owned(), value.clone());
+                        envelope.insert(name.into_owned(), value.clone().into_value());
                     }
                     read[slot] = Some(value);
                 }
@@ -377,7 +458,7 @@ pub(crate) fn same_name(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
-fn cloudevent(read: Read, envelope: Map<String, Value>, data: Value) -> Result<Event, Poison> {
+fn cloudevent(read: Read<'_>, envelope: Map<String, Value>, data: Value) -> Result<Event, Poison> {
     let [
         specversion,
         source,
@@ -388,14 +469,14 @@ fn cloudevent(read: Read, envelope: Map<String, Value>, data: Value) -> Result<E
         correlation_id,
         version,
     ] = read;
-    let specversion = required_string(specversion, "specversion")?;
+    let specversion = required_text(specversion, "specversion")?;
     if specversion != "1.0" {
         return Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             format!("specversion is {specversion:?}, expected \"1.0\""),
         ));
     }
-    required_string(source, "source")?;
+    required_text(source, "source")?;
     let id = required_string(id, "id")?;
     let event_type = required_string(event_type, "type")?;
     if data_base64.is_some() {
@@ -421,7 +502,7 @@ fn cloudevent(read: Read, envelope: Map<String, Value>, data: Value) -> Result<E
 }
 
 fn mapped(
-    read: Read,
+    read: Read<'_>,
     envelope: Map<String, Value>,
     data: Value,
     map: &FieldMap,
@@ -438,7 +519,7 @@ fn mapped(
     let id = required_string(id, &map.id)?;
     let event_type = required_string(event_type, &map.event_type)?;
     // A slot of a field the map does not name stays empty.
-    let optional = |value: Option<Value>, field: &Option<String>| {
+    let optional = |value: Option<Field<'_>>, field: &Option<String>| {
         optional_text(value, field.as_deref().unwrap_or_default())
     };
     let version = optional(version, &map.version)?;
@@ -458,14 +539,22 @@ fn mapped(
     })
 }
 
-fn required_string(value: Option<Value>, field: &str) -> Result<String, Poison> {
+fn required_string(value: Option<Field<'_>>, field: &str) -> Result<String, Poison> {
+    required_text(value, field).map(std::borrow::Cow::into_owned)
+}
+
+/// A required string field, borrowed where the payload allows.
+fn required_text<'de>(
+    value: Option<Field<'de>>,
+    field: &str,
+) -> Result<std::borrow::Cow<'de, str>, Poison> {
     match value {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(Value::String(_)) => Err(Poison::new(
+        Some(Field::Text(s)) if !s.is_empty() => Ok(s),
+        Some(Field::Text(_)) => Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             format!("envelope field {field:?} is empty"),
         )),
-        Some(_) => Err(Poison::new(
+        Some(Field::Other(_)) => Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             format!("envelope field {field:?} is not a string"),
         )),
@@ -476,11 +565,11 @@ fn required_string(value: Option<Value>, field: &str) -> Result<String, Poison> 
     }
 }
 
-fn optional_string(value: Option<Value>, field: &str) -> Result<Option<String>, Poison> {
+fn optional_string(value: Option<Field<'_>>, field: &str) -> Result<Option<String>, Poison> {
     match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(Poison::new(
+        None | Some(Field::Other(Value::Null)) => Ok(None),
+        Some(Field::Text(s)) => Ok(Some(s.into_owned())),
+        Some(Field::Other(_)) => Err(Poison::new(
             ErrorCode::InvalidEnvelope,
             format!("envelope field {field:?} is not a string"),
         )),
@@ -488,9 +577,9 @@ fn optional_string(value: Option<Value>, field: &str) -> Result<Option<String>, 
 }
 
 /// A string or a number (event versions are either), as text.
-fn optional_text(value: Option<Value>, field: &str) -> Result<Option<String>, Poison> {
+fn optional_text(value: Option<Field<'_>>, field: &str) -> Result<Option<String>, Poison> {
     match value {
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(Field::Other(Value::Number(n))) => Ok(Some(n.to_string())),
         value => optional_string(value, field),
     }
 }
@@ -608,6 +697,19 @@ mod tests {
         assert_eq!(event.envelope.get("subject"), Some(&json!("x")));
         assert!(!event.envelope.contains_key("data"));
         assert_eq!(event.dedupe_id(), "e1");
+    }
+
+    #[test]
+    fn escaped_envelope_strings_and_keys_decode_to_their_text() {
+        let payload = br#"{"spec\u0076ersion":"1\u002e0","id":"e\"1","source":"s\\",
+            "type":"t","subject":"a\nb","data":{"k\u0031":"v"}}"#;
+        let event = Decoder::default().decode(payload).unwrap();
+        assert_eq!(event.id, "e\"1");
+        assert_eq!(event.envelope.get("subject"), Some(&json!("a\nb")));
+        assert_eq!(event.envelope.get("source"), Some(&json!("s\\")));
+        assert_eq!(event.data, json!({"k1": "v"}));
+        let wrong = br#"{"specversion":"1\u002e1","id":"e","source":"s","type":"t"}"#;
+        assert_eq!(code(&Decoder::default(), wrong), ErrorCode::InvalidEnvelope);
     }
 
     #[test]
