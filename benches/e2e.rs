@@ -156,6 +156,23 @@ async fn bench_durable(
     (stream, name, consumer)
 }
 
+/// Waits until `durable` has nothing pending and its ack floor is at `events` or beyond, as
+/// nats-server reports it (polled every 10 ms): when a drain is complete, for the ceiling and
+/// the projector alike.
+async fn acked_through(stream: &jetstream::stream::Stream, durable: &str, events: usize) {
+    loop {
+        if let Ok(info) = stream.consumer_info(durable).await {
+            if info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.ack_floor.stream_sequence as usize >= events
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Ceiling 1: a durable pull consumer draining and acking every message.
 /// Returns messages/s, and the CPU per message of this process (the client) and nats-server.
 async fn consume_ceiling(
@@ -180,6 +197,8 @@ async fn consume_ceiling(
         m.ack().await.unwrap();
         seen += 1;
     }
+    // Done when nats-server has taken every ack, as for the projector (the same poll).
+    acked_through(&stream, &name, events).await;
     let rate = seen as f64 / started.elapsed().as_secs_f64();
     let per_message = |before: u64, pid: u32| (cpu_us(pid) - before) as f64 / seen as f64;
     let cpu = (
@@ -444,18 +463,7 @@ async fn catchup(
     let server_pid = server.pid().unwrap_or(0);
     let cpu_before = (cpu_us(pid), cpu_us(server_pid));
     let faults_before = minor_faults(pid);
-    loop {
-        let info = stream_handle.consumer_info(&durable).await;
-        if let Ok(info) = info {
-            if info.num_pending == 0
-                && info.num_ack_pending == 0
-                && info.ack_floor.stream_sequence as usize >= events
-            {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    acked_through(&stream_handle, &durable, events).await;
     let elapsed = started.elapsed().as_secs_f64();
     let per_event = |before: u64, after: u64| after.saturating_sub(before) as f64 / events as f64;
     let projector_cpu_us = per_event(cpu_before.0, cpu_us(pid));
