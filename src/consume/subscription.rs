@@ -164,6 +164,9 @@ pub struct Subscription {
     requested: Option<Instant>,
     /// When anything (message, heartbeat, status) last arrived, or the subscription started.
     heard: Instant,
+    /// Something arrived through [`Subscription::try_next`] since `heard` was last set: the
+    /// next wait counts from its start (no clock read per message taken without waiting).
+    heard_since: bool,
     stats: Arc<async_nats::Statistics>,
     /// Connections the client had made when the last request went out: the requests of a
     /// previous connection are gone with it.
@@ -211,6 +214,7 @@ impl Subscription {
             pending_bytes: 0,
             requested: None,
             heard: Instant::now(),
+            heard_since: false,
             connects: stats.connects.load(Ordering::Relaxed),
             stats,
         })
@@ -218,25 +222,27 @@ impl Subscription {
 
     /// Whether the open requests run low (or died with a connection, or were never ended by
     /// the server past their expiry).
-    fn request_due(&mut self) -> bool {
+    fn request_due(&mut self, check_expiry: bool) -> bool {
         let connects = self.stats.connects.load(Ordering::Relaxed);
         if connects != self.connects {
             self.connects = connects;
             (self.pending_messages, self.pending_bytes) = (0, 0);
         }
-        if self
-            .requested
-            .is_some_and(|at| at.elapsed() > self.expires + EXPIRY_GRACE)
+        if check_expiry
+            && self
+                .requested
+                .is_some_and(|at| at.elapsed() > self.expires + EXPIRY_GRACE)
         {
             (self.pending_messages, self.pending_bytes) = (0, 0);
         }
         self.pending_messages <= self.batch / 2 || self.pending_bytes <= self.max_bytes / 2
     }
 
-    /// Sends a request when one is due. Cancel-safe: the accounting changes only once the
+    /// Sends a request when one is due (`check_expiry`: also when the open ones are past
+    /// their expiry, which reads the clock). Cancel-safe: the accounting changes only once the
     /// request was handed to the client.
-    async fn request(&mut self) -> Result<(), PullError> {
-        if !self.request_due() {
+    async fn request(&mut self, check_expiry: bool) -> Result<(), PullError> {
+        if !self.request_due(check_expiry) {
             return Ok(());
         }
         self.client
@@ -256,8 +262,11 @@ impl Subscription {
     /// The next delivered message, waiting for it; `None` when the subscription closed.
     pub async fn next(&mut self) -> Option<Result<Incoming, PullError>> {
         loop {
-            if let Err(err) = self.request().await {
+            if let Err(err) = self.request(true).await {
                 return Some(Err(err));
+            }
+            if std::mem::take(&mut self.heard_since) {
+                self.heard = Instant::now();
             }
             let silence = self.heartbeat * 2;
             // A message already queued is taken even past the deadline (the inner future is
@@ -268,6 +277,7 @@ impl Subscription {
                 Ok(None) => return None,
                 Ok(Some(message)) => message,
             };
+            self.heard = Instant::now();
             match self.receive(message) {
                 Received::Message(incoming) => return Some(Ok(incoming)),
                 Received::Failed(err) => return Some(Err(err)),
@@ -282,7 +292,8 @@ impl Subscription {
         loop {
             // A request that cannot go out at once (the client's queue is full) goes out on a
             // later call.
-            if let Some(Err(err)) = self.request().now_or_never() {
+            // The expiry of open requests is checked by the waits in between (every batch).
+            if let Some(Err(err)) = self.request(false).now_or_never() {
                 return Some(Some(Err(err)));
             }
             // Unconstrained: tokio's cooperative budget (128 polls per task turn) would
@@ -292,6 +303,7 @@ impl Subscription {
                 Some(None) => return Some(None),
                 Some(Some(message)) => message,
             };
+            self.heard_since = true;
             match self.receive(message) {
                 Received::Message(incoming) => return Some(Some(Ok(incoming))),
                 Received::Failed(err) => return Some(Some(Err(err))),
@@ -302,7 +314,6 @@ impl Subscription {
 
     /// Accounts for one received message.
     fn receive(&mut self, message: Message) -> Received {
-        self.heard = Instant::now();
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.pending_messages = self.pending_messages.saturating_sub(1);
