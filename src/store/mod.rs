@@ -9,6 +9,7 @@
 //! Every table of a projection is namespaced by `name@vVERSION`, so a rebuild can write a new
 //! version beside the live one.
 
+mod combining;
 #[cfg(feature = "fault-injection")]
 mod faulty;
 mod filter;
@@ -1482,21 +1483,25 @@ impl Store {
 fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     let mut builder = Database::builder();
     builder.set_cache_size(cache_bytes);
+    // As redb's own `Builder::create` opens it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(StoreError::Io)?;
     #[cfg(feature = "fault-injection")]
     if faulty::fail_at().is_some() {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(StoreError::Io)?;
         return match faulty::FaultyDisk::new(file) {
-            Ok(disk) => builder.create_with_backend(disk).map_err(StoreError::from),
+            Ok(disk) => builder
+                .create_with_backend(combining::Combining::new(disk))
+                .map_err(StoreError::from),
             Err(err) => Err(err.into()),
         };
     }
-    match builder.create(path) {
+    let backend = redb::backends::FileBackend::new(file)?;
+    match builder.create_with_backend(combining::Combining::new(backend)) {
         Ok(db) => Ok(db),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Locked(path.to_owned())),
         Err(err) => Err(err.into()),

@@ -334,3 +334,14 @@ fn apply_from_leaves_the_items_to_the_caller() {
     assert_eq!(applied.outcomes, vec![Outcome::Duplicate]);
     assert_eq!(items.len(), 1);
 }
+
+#[test]
+fn a_store_open_elsewhere_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let _held = Store::open(&path, 4).unwrap();
+    let err = Store::open(&path, 4)
+        .err()
+        .expect("the second open is refused");
+    assert_eq!(err.kind(), StoreErrorKind::Locked, "{err}");
+}
