@@ -340,8 +340,8 @@ fn a_store_open_elsewhere_is_locked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     let _held = Store::open(&path, 4).unwrap();
-    let err = Store::open(&path, 4)
-        .err()
-        .expect("the second open is refused");
+    let Err(err) = Store::open(&path, 4) else {
+        panic!("the second open is refused");
+    };
     assert_eq!(err.kind(), StoreErrorKind::Locked, "{err}");
 }
