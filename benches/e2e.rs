@@ -881,12 +881,13 @@ async fn main() {
     // then nats-server has run every KV catch-up (a million keys per reducer), and its CPU per
     // message differs from the start of the run. Those catch-ups report their ratio to both.
     let store_only = ["store-only", "store-only-ack-all", "random-ids-store-only"];
-    let (mut late_runs, mut late_cpu) = (vec![1.0], (vec![], vec![]));
-    for _ in 0..if store_only.iter().any(|l| wanted(l)) {
+    let late_ceilings = if store_only.iter().any(|l| wanted(l)) {
         ceilings
     } else {
         0
-    } {
+    };
+    let (mut late_runs, mut late_cpu) = (vec![1.0], (vec![], vec![]));
+    for _ in 0..late_ceilings {
         let (rate, client, server) = consume_ceiling(&server, &js, "K10K", o.events).await;
         late_runs.push(rate);
         late_cpu.0.push(client);

@@ -221,14 +221,16 @@ impl Decoder {
                 // The text is kept only when compact; other data is parsed whole, and a state
                 // made of it is written compact.
                 let compact = data::is_compact(raw.get());
-                let picked = compact.then(|| data::pick(raw.get(), tree)).flatten();
-                let mut de = serde_json::Deserializer::from_str(raw.get());
-                let parsed = match picked {
+                let parsed = match compact.then(|| data::pick(raw.get(), tree)).flatten() {
                     Some(value) => Ok(value),
-                    None if compact => {
-                        serde::de::DeserializeSeed::deserialize(data::Partial(tree), &mut de)
+                    None => {
+                        let mut de = serde_json::Deserializer::from_str(raw.get());
+                        if compact {
+                            serde::de::DeserializeSeed::deserialize(data::Partial(tree), &mut de)
+                        } else {
+                            Value::deserialize(&mut de)
+                        }
                     }
-                    None => Value::deserialize(&mut de),
                 };
                 let value = parsed.map_err(|e| {
                     Poison::new(ErrorCode::InvalidJson, format!("data is not JSON: {e}"))

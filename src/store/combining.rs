@@ -102,14 +102,17 @@ impl<B: StorageBackend> Combining<B> {
 
     /// Writes out what was gathered.
     fn flush(&self) -> std::io::Result<()> {
-        let mut gathered = self.lock();
-        let result = write_out(&self.inner, &mut gathered);
-        // Written or failed, nothing stays gathered: a failed write fails this call, and redb
-        // treats the handle as failed from then on.
-        gathered.writes.clear();
-        gathered.bytes.clear();
-        result
+        drain(&self.inner, &mut self.lock())
     }
+}
+
+/// Writes out what was gathered; written or failed, nothing stays gathered (a failed write
+/// fails the call that flushed, and redb treats the handle as failed from then on).
+fn drain<B: StorageBackend>(inner: &B, g: &mut Gathered) -> std::io::Result<()> {
+    let result = write_out(inner, g);
+    g.writes.clear();
+    g.bytes.clear();
+    result
 }
 
 fn write_out<B: StorageBackend>(inner: &B, g: &mut Gathered) -> std::io::Result<()> {
@@ -179,10 +182,7 @@ impl<B: StorageBackend> StorageBackend for Combining<B> {
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let mut gathered = self.lock();
         if gathered.bytes.len() + data.len() > GATHER_BYTES {
-            let result = write_out(&self.inner, &mut gathered);
-            gathered.writes.clear();
-            gathered.bytes.clear();
-            result?;
+            drain(&self.inner, &mut gathered)?;
         }
         if data.len() > GATHER_BYTES {
             return self.inner.write(offset, data);

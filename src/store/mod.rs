@@ -1493,15 +1493,18 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
         .map_err(StoreError::Io)?;
     #[cfg(feature = "fault-injection")]
     if faulty::fail_at().is_some() {
-        return match faulty::FaultyDisk::new(file) {
-            Ok(disk) => builder
-                .create_with_backend(combining::Combining::new(disk))
-                .map_err(StoreError::from),
-            Err(err) => Err(err.into()),
-        };
+        return create_db(&builder, faulty::FaultyDisk::new(file)?, path);
     }
-    let backend = redb::backends::FileBackend::new(file)?;
-    match builder.create_with_backend(combining::Combining::new(backend)) {
+    create_db(&builder, redb::backends::FileBackend::new(file)?, path)
+}
+
+/// Creates (or opens) the database on `disk`, its page writes gathered per sync.
+fn create_db(
+    builder: &redb::Builder,
+    disk: impl redb::StorageBackend,
+    path: &Path,
+) -> Result<Database, StoreError> {
+    match builder.create_with_backend(combining::Combining::new(disk)) {
         Ok(db) => Ok(db),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Locked(path.to_owned())),
         Err(err) => Err(err.into()),
