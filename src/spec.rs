@@ -151,7 +151,7 @@ impl Spec {
         let data = match config.reducer {
             ReducerKind::Merge | ReducerKind::Custom => DataParse::Full,
             _ if tree.is_whole() => DataParse::Full,
-            ReducerKind::Latest => DataParse::PathsAndText(tree),
+            ReducerKind::Latest => DataParse::Text,
             ReducerKind::Counter => DataParse::Paths(tree),
         };
         let dlq =
@@ -235,14 +235,16 @@ fn epoch_of(part: &Part, ctx: &Context<'_>) -> Result<u64, Poison> {
     };
     match key::resolve(part, ctx) {
         Resolved::Missing => Err(bad("is missing")),
-        Resolved::Json(Value::Number(n)) => {
-            n.as_u64().ok_or_else(|| bad("is not an unsigned integer"))
-        }
-        Resolved::Json(Value::String(s)) => {
-            s.parse().map_err(|_| bad("is not an unsigned integer"))
-        }
+        Resolved::Invalid(why) => Err(Poison::new(
+            ErrorCode::InvalidJson,
+            format!("data is not JSON at {}: {why}", key::describe(part)),
+        )),
+        Resolved::Json(value) => match value.as_ref() {
+            Value::Number(n) => n.as_u64().ok_or_else(|| bad("is not an unsigned integer")),
+            Value::String(s) => s.parse().map_err(|_| bad("is not an unsigned integer")),
+            _ => Err(bad("is not an unsigned integer")),
+        },
         Resolved::Text(text) => text.parse().map_err(|_| bad("is not an unsigned integer")),
-        Resolved::Json(_) => Err(bad("is not an unsigned integer")),
     }
 }
 
@@ -275,13 +277,79 @@ mod tests {
         "data":{"k":"a","amount":5,"pad":"xx"}}"#;
 
     #[test]
-    fn latest_parses_the_fields_its_templates_read_and_keeps_the_text() {
+    fn latest_keeps_the_text_and_its_templates_read_their_fields_from_it() {
         let spec = compile("{data.k}", "latest", "");
         let p = prepare(&spec, EVENT);
         assert_eq!(p.key, "a");
-        assert_eq!(p.event.data, serde_json::json!({"k": "a"}));
+        assert_eq!(p.event.data, serde_json::Value::Null);
         let text = p.event.raw_data.expect("the data's text");
         assert_eq!(text.as_str(), r#"{"k":"a","amount":5,"pad":"xx"}"#);
+    }
+
+    /// The same templates over the text (`latest`) and over parsed data (`merge`).
+    fn both(key: &str, extra: &str, data: &str) -> [Result<(String, Option<u64>), Poison>; 2] {
+        let payload =
+            format!(r#"{{"specversion":"1.0","id":"e1","source":"s","type":"t","data":{data}}}"#);
+        ["latest", "merge"].map(|reducer| {
+            let spec = compile(key, reducer, extra);
+            let view = MessageView {
+                seq: 1,
+                subject: "s",
+                headers: None,
+                payload: payload.as_bytes(),
+                publish_ms: 0,
+            };
+            spec.prepare(&view).map(|p| (p.key, p.epoch))
+        })
+    }
+
+    #[test]
+    fn templates_read_the_text_as_they_read_parsed_data() {
+        let epoch = "epoch = \"{data.e}\"\n";
+        for data in [
+            r#"{"k":"a","e":3}"#,
+            r#"{"k":5,"e":"7"}"#,
+            r#"{"k":-1.5e3,"e":1}"#,
+            r#"{"k":"a\"b","e":1,"k":"later"}"#,
+            r#"{"n":{"k":"x"},"k":{"deep":1},"e":1}"#,
+            r#"{"\u006b":"escaped key","e":2}"#,
+            r#"{"k":"a","e":-1}"#,
+            r#"{"k":"a","e":null}"#,
+            r#"{"e":1}"#,
+            r#"[1,2]"#,
+        ] {
+            let [text, parsed] = both("{data.k}-{data.n.k}", epoch, data);
+            match (&text, &parsed) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{data}"),
+                (Err(a), Err(b)) => assert_eq!(a.code, b.code, "{data}: {a:?} / {b:?}"),
+                _ => panic!("{data}: {text:?} / {parsed:?}"),
+            }
+            let [text, parsed] = both("{data.k}", epoch, data);
+            match (&text, &parsed) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{data}"),
+                (Err(a), Err(b)) => assert_eq!(a.code, b.code, "{data}: {a:?} / {b:?}"),
+                _ => panic!("{data}: {text:?} / {parsed:?}"),
+            }
+        }
+        let [text, _] = both("{data.k}", "", r#"{"k":"a\"b","n":1}"#);
+        assert_eq!(text.expect("keyed").0, "a=22b");
+        // A number serde_json refuses (out of range) poisons the event where a template reads
+        // it, as parsing all of it does; elsewhere it is only stored.
+        for data in [r#"{"k":1e400,"e":1}"#, r#"{"k":"a","e":1e400}"#] {
+            let [text, parsed] = both("{data.k}", epoch, data);
+            assert_eq!(
+                text.expect_err("poison").code,
+                ErrorCode::InvalidJson,
+                "{data}"
+            );
+            assert_eq!(
+                parsed.expect_err("poison").code,
+                ErrorCode::InvalidJson,
+                "{data}"
+            );
+        }
+        let [text, _] = both("{data.k}", epoch, r#"{"k":"a","e":1,"x":1e400}"#);
+        assert_eq!(text.expect("keyed"), ("a".to_owned(), Some(1)));
     }
 
     #[test]

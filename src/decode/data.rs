@@ -1,10 +1,10 @@
-//! How much of an event's data decoding builds: the whole of it, or only the fields the
-//! projection reads (its templates' `{data.PATH}`s), plus the data's JSON text for a reducer
-//! that stores the data as it is (`latest`).
+//! How much of an event's data decoding builds: the whole of it, only the fields the
+//! projection reads (its templates' `{data.PATH}`s), or nothing but the data's JSON text for a
+//! reducer that stores the data as it is (`latest`), its fields read from the text.
 //!
 //! Invariant: for every path of the [`PathTree`], looking it up in the partial value gives what
 //! it gives in the whole value (the same value, or missing); fields on no path are checked for
-//! syntax and skipped without allocating.
+//! syntax and skipped without allocating. Likewise [`at`] on the text.
 
 use std::fmt;
 
@@ -63,10 +63,10 @@ pub enum DataParse {
     Full,
     /// Only the fields on these paths into [`super::Event::data`].
     Paths(PathTree),
-    /// The fields on these paths, and the data's text into [`super::Event::raw_data`] when it
-    /// is compact (no whitespace between tokens); other data is parsed whole instead, so a
-    /// state made of it stays compact.
-    PathsAndText(PathTree),
+    /// The data's text into [`super::Event::raw_data`] when it is compact (no whitespace
+    /// between tokens), parsed for nothing: the templates read their fields from the text
+    /// ([`at`]). Other data is parsed whole instead, so a state made of it stays compact.
+    Text,
 }
 
 /// A JSON value's text, checked by the parser: what the `latest` reducer stores as it is.
@@ -177,17 +177,78 @@ impl<'de> Visitor<'de> for Partial<'_> {
     }
 }
 
-/// Picks the fields on `tree`'s paths out of compact JSON text the parser has already checked
-/// (a `RawValue`): what [`Partial`] builds from it, in one scan that parses only the values on
-/// the paths and steps over the rest by their delimiters. `None` where the scan does not apply
-/// (an object key with escapes, anything unexpected): the caller then parses with [`Partial`].
+/// What [`at`] finds at a path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found<'t> {
+    /// Nothing at the path.
+    Missing,
+    /// A string without escapes, borrowed from the text.
+    Str(&'t str),
+    /// Any other value (a JSON `null` included), parsed.
+    Value(Value),
+}
+
+/// Why [`at`] could not read a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unread {
+    /// An object key on the way has escapes: the caller parses the text instead.
+    EscapedKey,
+    /// The value on the path does not parse (a number out of range, or text that was not
+    /// checked JSON), with the parser's reason.
+    Invalid(String),
+}
+
+/// The value at `path` in compact JSON text the parser has already checked (a `RawValue`), as
+/// the parsed value gives it (later duplicates win; arrays are indexed by number), in one scan
+/// that steps over everything off the path by its delimiters and parses only what the path
+/// ends on.
 ///
-/// Invariant: on checked compact text, `Some` is exactly what [`Partial`] gives (property
-/// tested); on any other text it returns without panicking.
-pub(super) fn pick(text: &str, tree: &PathTree) -> Option<Value> {
+/// Invariant: on checked compact text, a value found is the parsed value's, and a key with
+/// escapes on the way is [`Unread::EscapedKey`] (property tested); on any other text it
+/// returns without panicking.
+pub fn at<'t>(text: &'t str, path: &[String]) -> Result<Found<'t>, Unread> {
+    let malformed = || Unread::Invalid("malformed JSON text".into());
     let mut scan = Scan { text, at: 0 };
-    let value = scan.value(tree)?;
-    (scan.at == text.len()).then_some(value)
+    for (depth, segment) in path.iter().enumerate() {
+        if scan.peek().ok_or_else(malformed)? != b'{' {
+            // Not an object: an array (or a scalar) is parsed, and the rest looked up in it.
+            let start = scan.at;
+            scan.skip().ok_or_else(malformed)?;
+            let value = parse(text.get(start..scan.at).ok_or_else(malformed)?)?;
+            let found = path[depth..]
+                .iter()
+                .try_fold(value, |value, segment| match value {
+                    Value::Array(mut items) => segment
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&i| i < items.len())
+                        .map(|i| items.swap_remove(i)),
+                    _ => None,
+                });
+            return Ok(found.map_or(Found::Missing, Found::Value));
+        }
+        match scan.member(segment)? {
+            Some(value_at) => scan.at = value_at,
+            None => return Ok(Found::Missing),
+        }
+    }
+    let start = scan.at;
+    if scan.peek() == Some(b'"') {
+        let bytes = text.as_bytes();
+        let end = quote_or_backslash(bytes, start + 1).ok_or_else(malformed)?;
+        if bytes[end] == b'"' {
+            return text
+                .get(start + 1..end)
+                .map(Found::Str)
+                .ok_or_else(malformed);
+        }
+    }
+    scan.skip().ok_or_else(malformed)?;
+    parse(text.get(start..scan.at).ok_or_else(malformed)?).map(Found::Value)
+}
+
+fn parse(text: &str) -> Result<Value, Unread> {
+    serde_json::from_str(text).map_err(|e| Unread::Invalid(e.to_string()))
 }
 
 /// A cursor over checked compact JSON text.
@@ -201,56 +262,50 @@ impl<'a> Scan<'a> {
         self.text.as_bytes().get(self.at).copied()
     }
 
-    /// The value at the cursor, along `tree` (as [`Partial`] builds it).
-    fn value(&mut self, tree: &PathTree) -> Option<Value> {
-        if tree.whole || self.peek()? != b'{' {
-            let start = self.at;
-            self.skip()?;
-            return serde_json::from_str(self.text.get(start..self.at)?).ok();
-        }
+    /// Steps over the object at the cursor; where its last member named `name` starts.
+    fn member(&mut self, name: &str) -> Result<Option<usize>, Unread> {
+        let malformed = || Unread::Invalid("malformed JSON text".into());
         self.at += 1;
-        let mut map = Map::new();
-        if self.peek()? == b'}' {
+        if self.peek().ok_or_else(malformed)? == b'}' {
             self.at += 1;
-            return Some(Value::Object(map));
+            return Ok(None);
         }
+        let mut found = None;
         loop {
             let key = self.key()?;
-            if self.peek()? != b':' {
-                return None;
+            if self.peek().ok_or_else(malformed)? != b':' {
+                return Err(malformed());
             }
             self.at += 1;
             // Later duplicates win, as in a parsed `Value`.
-            match tree.child(key) {
-                Some(child) => {
-                    let value = self.value(child)?;
-                    map.insert(key.to_owned(), value);
-                }
-                None => self.skip()?,
+            if super::same_name(key, name) {
+                found = Some(self.at);
             }
-            match self.peek()? {
+            self.skip().ok_or_else(malformed)?;
+            match self.peek().ok_or_else(malformed)? {
                 b',' => self.at += 1,
                 b'}' => {
                     self.at += 1;
-                    return Some(Value::Object(map));
+                    return Ok(found);
                 }
-                _ => return None,
+                _ => return Err(malformed()),
             }
         }
     }
 
     /// An object key without escapes (its text is its name).
-    fn key(&mut self) -> Option<&'a str> {
-        if self.peek()? != b'"' {
-            return None;
+    fn key(&mut self) -> Result<&'a str, Unread> {
+        let malformed = || Unread::Invalid("malformed JSON text".into());
+        if self.peek() != Some(b'"') {
+            return Err(malformed());
         }
         let start = self.at + 1;
-        let end = quote_or_backslash(self.text.as_bytes(), start)?;
+        let end = quote_or_backslash(self.text.as_bytes(), start).ok_or_else(malformed)?;
         if self.text.as_bytes()[end] != b'"' {
-            return None;
+            return Err(Unread::EscapedKey);
         }
         self.at = end + 1;
-        self.text.get(start..end)
+        self.text.get(start..end).ok_or_else(malformed)
     }
 
     /// Steps over one value.
@@ -374,7 +429,7 @@ mod tests {
         value
     }
 
-    fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    fn lookup<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
         path.iter().try_fold(value, |v, s| match v {
             Value::Object(m) => m.get(*s),
             Value::Array(a) => s.parse::<usize>().ok().and_then(|i| a.get(i)),
@@ -399,24 +454,50 @@ mod tests {
         assert_eq!(got, json!({"k": "two", "l": [5, {"x": 1}]}));
     }
 
+    /// What [`at`] finds, as the parsed value would give it (`None`: an escaped key).
+    fn scanned(text: &str, path: &[&str]) -> Option<Option<Value>> {
+        let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        match at(text, &path) {
+            Ok(Found::Missing) => Some(None),
+            Ok(Found::Str(s)) => Some(Some(Value::String(s.to_owned()))),
+            Ok(Found::Value(v)) => Some(Some(v)),
+            Err(Unread::EscapedKey) => None,
+            Err(Unread::Invalid(why)) => panic!("{text}: {why}"),
+        }
+    }
+
     #[test]
     fn the_scan_agrees_with_the_parser_on_tricky_text() {
-        let tree = paths(&[&["k"], &["a", "b"], &["w"]]);
+        let paths: [&[&str]; 6] = [&["k"], &["a", "b"], &["w"], &["l", "1"], &["a"], &[]];
         for text in [
             r#"{"k":1,"pad":"x","k":{"z":2}}"#,
             r#"{"a":{"b":1},"a":{"c":2}}"#,
             r#"{"s":"}]\"{[","k":"a\"b\\","a":{"b":[{"x":"]"},2]}}"#,
             r#"{"w":{"x":[1,{"y":null}]},"k":-1.5e3,"t":true,"f":false}"#,
-            r#"{"a":[1,2],"k":null}"#,
+            r#"{"a":[1,2],"k":null,"l":[5,{"x":1}]}"#,
+            r#"{"k":"plain","l":"not an array"}"#,
             r#"{}"#,
             r#"[1,{"k":2}]"#,
             r#""text""#,
             r#"12"#,
         ] {
-            assert_eq!(pick(text, &tree), Some(partial(&tree, text)), "{text}");
+            let whole: Value = serde_json::from_str(text).unwrap();
+            for path in paths {
+                let got = scanned(text, path).expect("no escaped keys");
+                assert_eq!(got.as_ref(), lookup(&whole, path), "{text} at {path:?}");
+            }
         }
-        // A key with escapes is left to the parser.
-        assert_eq!(pick(r#"{"\u006b":1}"#, &tree), None);
+        // A key with escapes on the way is left to the parser; one off the path is not.
+        assert_eq!(scanned(r#"{"\u006b":1}"#, &["k"]), None);
+        assert_eq!(
+            scanned(r#"{"k":{"\n":1},"j":2}"#, &["j"]),
+            Some(Some(json!(2)))
+        );
+        // A string without escapes is borrowed.
+        let k = vec!["k".to_owned()];
+        assert_eq!(at(r#"{"k":"v"}"#, &k), Ok(Found::Str("v")));
+        // A number the parser refuses is reported, not missing.
+        assert!(matches!(at(r#"{"k":1e400}"#, &k), Err(Unread::Invalid(_))));
     }
 
     #[test]
@@ -460,17 +541,17 @@ mod tests {
             prop_assert_eq!(is_compact(&pretty), pretty == compact);
         }
 
-        /// On compact text the scan gives what the parser gives, or leaves it to the parser
-        /// (keys with escapes only).
+        /// On compact text the scan finds what the parsed value holds, or leaves it to the
+        /// parser (keys with escapes only).
         #[test]
-        fn the_scan_picks_what_the_parser_picks(
+        fn the_scan_finds_what_the_parser_finds(
             value in json_value_with_keys("[a-c0-2\"\\\\]"),
-            wanted in prop::collection::vec(prop::collection::vec("[a-c0-2\"\\\\]", 0..3), 0..4),
+            path in prop::collection::vec("[a-c0-2\"\\\\]", 0..3),
         ) {
-            let tree = PathTree::of(wanted.iter().map(Vec::as_slice));
             let text = serde_json::to_string(&value).unwrap();
-            match pick(&text, &tree) {
-                Some(picked) => prop_assert_eq!(picked, partial(&tree, &text)),
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            match scanned(&text, &path) {
+                Some(found) => prop_assert_eq!(found.as_ref(), lookup(&value, &path)),
                 None => prop_assert!(text.contains('\\'), "no escape in {}", text),
             }
         }
@@ -478,8 +559,10 @@ mod tests {
         /// Whatever the text, the scan returns.
         #[test]
         fn the_scan_never_panics(text in "[{}\\[\\]\":,a-c0-9\\\\ ]{0,40}") {
-            let tree = paths(&[&["a"], &["b", "c"]]);
-            let _ = pick(&text, &tree);
+            for path in [&["a"][..], &["b", "c"], &[]] {
+                let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+                let _ = at(&text, &path);
+            }
         }
 
         #[test]
@@ -492,7 +575,7 @@ mod tests {
             let got = partial(&tree, &text);
             for path in &wanted {
                 let path: Vec<&str> = path.iter().map(String::as_str).collect();
-                prop_assert_eq!(at(&got, &path), at(&value, &path));
+                prop_assert_eq!(lookup(&got, &path), lookup(&value, &path));
             }
         }
     }

@@ -8,7 +8,7 @@ mod code;
 mod data;
 
 pub use code::{ErrorCode, Poison};
-pub use data::{DataParse, PathTree, RawJson};
+pub use data::{DataParse, Found, PathTree, RawJson, Unread, at as data_at};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -29,11 +29,11 @@ pub struct Event {
     /// The correlation id from the envelope, when present.
     pub correlation_id: Option<String>,
     /// The event's data (`data` in CloudEvents); `null` when absent. With
-    /// [`DataParse::Paths`] or [`DataParse::PathsAndText`], only the fields the projection
-    /// reads.
+    /// [`DataParse::Paths`], only the fields the projection reads; `null` while `raw_data`
+    /// holds the data.
     pub data: Value,
-    /// The data's JSON text as published, when the decoder keeps it
-    /// ([`DataParse::PathsAndText`]) and it is compact.
+    /// The data's JSON text as published, when the decoder keeps it ([`DataParse::Text`])
+    /// and it is compact: then the data is only there (templates read it with [`data_at`]).
     pub raw_data: Option<RawJson>,
     /// The other top-level fields of the envelope, for `{FIELD}` templates and custom reducers
     /// (with [`Keep::Only`], only the fields it names).
@@ -217,25 +217,17 @@ impl Decoder {
         };
         let (data, raw_data) = match data {
             Data::Parsed(value) => (value, None),
-            Data::Text(raw, tree) => {
+            Data::Text(raw) => {
                 // The text is kept only when compact; other data is parsed whole, and a state
                 // made of it is written compact.
-                let compact = data::is_compact(raw.get());
-                let parsed = match compact.then(|| data::pick(raw.get(), tree)).flatten() {
-                    Some(value) => Ok(value),
-                    None => {
-                        let mut de = serde_json::Deserializer::from_str(raw.get());
-                        if compact {
-                            serde::de::DeserializeSeed::deserialize(data::Partial(tree), &mut de)
-                        } else {
-                            Value::deserialize(&mut de)
-                        }
-                    }
-                };
-                let value = parsed.map_err(|e| {
-                    Poison::new(ErrorCode::InvalidJson, format!("data is not JSON: {e}"))
-                })?;
-                (value, compact.then(|| RawJson::of(raw)))
+                if data::is_compact(raw.get()) {
+                    (Value::Null, Some(RawJson::of(raw)))
+                } else {
+                    let value = serde_json::from_str(raw.get()).map_err(|e| {
+                        Poison::new(ErrorCode::InvalidJson, format!("data is not JSON: {e}"))
+                    })?;
+                    (value, None)
+                }
             }
         };
         let mut event = match &self.format {
@@ -380,15 +372,15 @@ struct EnvelopeSeed<'a> {
 }
 
 /// An envelope's data as the first pass leaves it.
-enum Data<'de, 'a> {
+enum Data<'de> {
     /// Parsed (whole or along the paths).
     Parsed(Value),
-    /// Its text, to keep, and the paths to parse from it.
-    Text(&'de serde_json::value::RawValue, &'a PathTree),
+    /// Its text, to keep.
+    Text(&'de serde_json::value::RawValue),
 }
 
 impl<'de, 'a> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'a> {
-    type Value = (Read<'de>, Map<String, Value>, Data<'de, 'a>);
+    type Value = (Read<'de>, Map<String, Value>, Data<'de>);
 
     fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
         de.deserialize_map(self)
@@ -396,7 +388,7 @@ impl<'de, 'a> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'a> {
 }
 
 impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
-    type Value = (Read<'de>, Map<String, Value>, Data<'de, 'a>);
+    type Value = (Read<'de>, Map<String, Value>, Data<'de>);
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
@@ -417,7 +409,7 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
                     DataParse::Paths(tree) => {
                         Data::Parsed(access.next_value_seed(data::Partial(tree))?)
                     }
-                    DataParse::PathsAndText(tree) => Data::Text(access.next_value()?, tree),
+                    DataParse::Text => Data::Text(access.next_value()?),
                 };
                 continue;
             }
@@ -808,21 +800,21 @@ mod tests {
         PathTree::of(owned.iter().map(Vec::as_slice))
     }
 
-    /// A decoder as `latest` keyed by `{data.k}` has.
+    /// A decoder as `latest` has.
     fn text_decoder() -> Decoder {
         Decoder {
-            data: DataParse::PathsAndText(paths(&["k"])),
+            data: DataParse::Text,
             ..Decoder::default()
         }
     }
 
     #[test]
-    fn compact_data_keeps_its_text_and_only_the_fields_read() {
+    fn compact_data_keeps_its_text_and_nothing_parsed() {
         let decoder = text_decoder();
         let payload = br#"{"specversion":"1.0","id":"e1","source":"s","type":"t",
             "data":{"z":"a b","k":7,"pad":[1,2]}}"#;
         let event = decoder.decode(payload).unwrap();
-        assert_eq!(event.data, json!({"k": 7}));
+        assert_eq!(event.data, Value::Null);
         let text = event.raw_data.expect("compact data keeps its text");
         assert_eq!(text.as_str(), r#"{"z":"a b","k":7,"pad":[1,2]}"#);
     }

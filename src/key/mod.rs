@@ -22,7 +22,7 @@ use std::fmt;
 
 use serde_json::Value;
 
-use crate::decode::{ErrorCode, Event, Poison};
+use crate::decode::{ErrorCode, Event, Found, Poison, Unread};
 
 /// The longest key a template may render, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -70,12 +70,15 @@ pub struct Context<'a> {
 /// A placeholder's value before it is rendered.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resolved<'a> {
-    /// A JSON value from the envelope or its data.
-    Json(&'a Value),
-    /// A string from the subject or a header.
+    /// A JSON value from the envelope or its data (parsed from the data's text when only the
+    /// text was kept).
+    Json(Cow<'a, Value>),
+    /// A string from the subject, a header, or (without escapes) the data's text.
     Text(Cow<'a, str>),
     /// The placeholder names something the event does not have (or a JSON null).
     Missing,
+    /// The data's text does not parse where the placeholder reads it, with why.
+    Invalid(String),
 }
 
 impl Template {
@@ -163,9 +166,15 @@ impl Template {
                             ),
                         ));
                     }
+                    Resolved::Invalid(why) => {
+                        return Err(Poison::new(
+                            ErrorCode::InvalidJson,
+                            format!("data is not JSON at {}: {why}", describe(other)),
+                        ));
+                    }
                     Resolved::Text(text) => push_value(&text, other, &self.source, &mut key)?,
                     Resolved::Json(value) => {
-                        let text = scalar_text(value).ok_or_else(|| {
+                        let text = scalar_text(&value).ok_or_else(|| {
                             Poison::new(
                                 ErrorCode::BadKey,
                                 format!(
@@ -219,7 +228,11 @@ pub fn resolve<'a>(part: &Part, ctx: &Context<'a>) -> Resolved<'a> {
             Some(token) if !token.is_empty() => Resolved::Text(Cow::Borrowed(token)),
             _ => Resolved::Missing,
         },
-        Part::Data(path) => json_at(&ctx.event.data, path),
+        Part::Data(path) => match &ctx.event.raw_data {
+            // Only the data's text was kept (`DataParse::Text`): it is read along the path.
+            Some(text) => data_in_text(text.as_str(), path),
+            None => json_at(&ctx.event.data, path),
+        },
         Part::Field(name) => match ctx.event.envelope.get(name) {
             Some(value) => json_or_missing(value),
             None => Resolved::Missing,
@@ -251,7 +264,37 @@ fn json_or_missing(value: &Value) -> Resolved<'_> {
     if value.is_null() {
         Resolved::Missing
     } else {
-        Resolved::Json(value)
+        Resolved::Json(Cow::Borrowed(value))
+    }
+}
+
+/// What `path` gives in the data's compact JSON text, as [`json_at`] gives it in the parsed
+/// data.
+fn data_in_text<'a>(text: &'a str, path: &[String]) -> Resolved<'a> {
+    let owned = |value: Option<Value>| match value {
+        Some(value) if !value.is_null() => Resolved::Json(Cow::Owned(value)),
+        _ => Resolved::Missing,
+    };
+    match crate::decode::data_at(text, path) {
+        Ok(Found::Missing) => Resolved::Missing,
+        Ok(Found::Str(s)) => Resolved::Text(Cow::Borrowed(s)),
+        Ok(Found::Value(value)) => owned(Some(value)),
+        // A key with escapes on the way (rare): the text is parsed.
+        Err(Unread::EscapedKey) => match serde_json::from_str::<Value>(text) {
+            Ok(root) => owned(path.iter().try_fold(root, |value, segment| {
+                match value {
+                    Value::Object(mut map) => map.remove(segment),
+                    Value::Array(mut items) => segment
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&i| i < items.len())
+                        .map(|i| items.swap_remove(i)),
+                    _ => None,
+                }
+            })),
+            Err(e) => Resolved::Invalid(e.to_string()),
+        },
+        Err(Unread::Invalid(why)) => Resolved::Invalid(why),
     }
 }
 
