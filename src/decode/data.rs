@@ -215,17 +215,7 @@ pub fn at<'t>(text: &'t str, path: &[String]) -> Result<Found<'t>, Unread> {
             let start = scan.at;
             scan.skip().ok_or_else(malformed)?;
             let value = parse(text.get(start..scan.at).ok_or_else(malformed)?)?;
-            let found = path[depth..]
-                .iter()
-                .try_fold(value, |value, segment| match value {
-                    Value::Array(mut items) => segment
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&i| i < items.len())
-                        .map(|i| items.swap_remove(i)),
-                    _ => None,
-                });
-            return Ok(found.map_or(Found::Missing, Found::Value));
+            return Ok(take_at(value, &path[depth..]).map_or(Found::Missing, Found::Value));
         }
         match scan.member(segment)? {
             Some(value_at) => scan.at = value_at,
@@ -245,6 +235,19 @@ pub fn at<'t>(text: &'t str, path: &[String]) -> Result<Found<'t>, Unread> {
     }
     scan.skip().ok_or_else(malformed)?;
     parse(text.get(start..scan.at).ok_or_else(malformed)?).map(Found::Value)
+}
+
+/// The value at `path` in `value`, taken out of it: objects by key, arrays by index.
+pub fn take_at(value: Value, path: &[String]) -> Option<Value> {
+    path.iter().try_fold(value, |value, segment| match value {
+        Value::Object(mut map) => map.remove(segment),
+        Value::Array(mut items) => segment
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < items.len())
+            .map(|i| items.swap_remove(i)),
+        _ => None,
+    })
 }
 
 fn parse(text: &str) -> Result<Value, Unread> {
@@ -468,7 +471,16 @@ mod tests {
 
     #[test]
     fn the_scan_agrees_with_the_parser_on_tricky_text() {
-        let paths: [&[&str]; 6] = [&["k"], &["a", "b"], &["w"], &["l", "1"], &["a"], &[]];
+        let paths: [&[&str]; 8] = [
+            &["k"],
+            &["a", "b"],
+            &["w"],
+            &["l", "1"],
+            &["l", "1", "x"],
+            &["a", "1"],
+            &["a"],
+            &[],
+        ];
         for text in [
             r#"{"k":1,"pad":"x","k":{"z":2}}"#,
             r#"{"a":{"b":1},"a":{"c":2}}"#,

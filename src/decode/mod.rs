@@ -8,7 +8,9 @@ mod code;
 mod data;
 
 pub use code::{ErrorCode, Poison};
-pub use data::{DataParse, Found, PathTree, RawJson, Unread, at as data_at};
+pub use data::{
+    DataParse, Found, PathTree, RawJson, Unread, at as data_at, take_at as data_take_at,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

@@ -281,17 +281,7 @@ fn data_in_text<'a>(text: &'a str, path: &[String]) -> Resolved<'a> {
         Ok(Found::Value(value)) => owned(Some(value)),
         // A key with escapes on the way (rare): the text is parsed.
         Err(Unread::EscapedKey) => match serde_json::from_str::<Value>(text) {
-            Ok(root) => owned(path.iter().try_fold(root, |value, segment| {
-                match value {
-                    Value::Object(mut map) => map.remove(segment),
-                    Value::Array(mut items) => segment
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&i| i < items.len())
-                        .map(|i| items.swap_remove(i)),
-                    _ => None,
-                }
-            })),
+            Ok(root) => owned(crate::decode::data_take_at(root, path)),
             Err(e) => Resolved::Invalid(e.to_string()),
         },
         Err(Unread::Invalid(why)) => Resolved::Invalid(why),
