@@ -175,7 +175,7 @@ async fn acked_through(stream: &jetstream::stream::Stream, durable: &str, events
 
 /// `o.runs` catch-ups of `latest` over `stream`, with a KV bucket of their own or none: the
 /// rates, and the projector's and nats-server's CPU per event.
-async fn measure_redb_catchups(
+async fn latest_catchups(
     server: &NatsServer,
     js: &jetstream::Context,
     stream: &str,
@@ -810,7 +810,8 @@ async fn main() {
     // Local store only, right after the ceiling they are compared with (nats-server in the
     // same state): an ack per message, one per group (ack_policy = "all"), then UUIDv4-shaped
     // ids. Their rows are printed after the KV catch-ups.
-    let (mut store_rows, mut store_entries) = (Vec::new(), Vec::new());
+    let mut catchups = serde_json::Map::new();
+    let mut store_rows = Vec::new();
     for (label, stream, ack_policy) in [
         ("store-only", "K10K", "explicit"),
         ("store-only-ack-all", "K10K", "all"),
@@ -819,7 +820,7 @@ async fn main() {
         if !wanted(label) {
             continue;
         }
-        let (rates, cpu) = measure_redb_catchups(&server, &js, stream, false, ack_policy, &o).await;
+        let (rates, cpu) = latest_catchups(&server, &js, stream, false, ack_policy, &o).await;
         let (rate, cpu, server_cpu) = medians(rates, cpu);
         let ids = if stream == "K10KR" {
             "UUIDv4 ids"
@@ -835,11 +836,11 @@ async fn main() {
             "events/s vs consume+ack".into(),
             Some(rate / consume),
         ));
-        store_entries.push((
+        catchups.insert(
             format!("latest/10000/{label}"),
             json!({"events_per_s": rate, "ratio": rate / consume, "ratio_to": "consume+ack",
                 "projector_cpu_us_per_event": cpu, "server_cpu_us_per_event": server_cpu}),
-        ));
+        );
     }
     eprintln!("redb-only catch-ups measured");
     let mut kv_ceilings = std::collections::BTreeMap::new();
@@ -878,7 +879,6 @@ async fn main() {
     report.insert("kv_cas_ceiling".into(), json!(kv_ceilings));
     eprintln!("ceilings measured");
 
-    let mut catchups = serde_json::Map::new();
     // The projector's default (`auto`: bulk acks on the durables it creates) unless
     // BENCH_ACK_POLICY says otherwise (`explicit`: an ack per message).
     let kv_acks = std::env::var("BENCH_ACK_POLICY").unwrap_or_else(|_| "auto".into());
@@ -949,12 +949,7 @@ async fn main() {
     // written and deleted millions of KV entries, and spends more CPU per message (20-30% in
     // some runs) than at the start. The redb-only catch-ups ran right after the first ceiling,
     // in the state it was measured in; this one only shows the drift.
-    let store_only = ["store-only", "store-only-ack-all", "random-ids-store-only"];
-    let late_ceilings = if store_only.iter().any(|l| wanted(l)) {
-        ceilings
-    } else {
-        0
-    };
+    let late_ceilings = if store_rows.is_empty() { 0 } else { ceilings };
     let (mut late_runs, mut late_cpu) = (vec![1.0], (vec![], vec![]));
     for _ in 0..late_ceilings {
         let (rate, client, server) = consume_ceiling(&server, &js, "K10K", o.events).await;
@@ -984,7 +979,7 @@ async fn main() {
     // UUIDv4-shaped ids with KV (their dedupe markers scatter over the marker table).
     if wanted("random-ids") {
         let (label, stream) = ("random-ids", "K10KR");
-        let (rates, cpu) = measure_redb_catchups(&server, &js, stream, true, &kv_acks, &o).await;
+        let (rates, cpu) = latest_catchups(&server, &js, stream, true, &kv_acks, &o).await;
         let (rate, cpu, server_cpu) = medians(rates, cpu);
         rows.push((
             format!(
@@ -1003,9 +998,6 @@ async fn main() {
         );
     }
     rows.extend(store_rows);
-    for (label, entry) in store_entries {
-        catchups.insert(label, entry);
-    }
     report.insert("catch_up".into(), Value::Object(catchups));
     eprintln!("catch-ups measured");
 

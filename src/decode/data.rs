@@ -207,7 +207,6 @@ pub enum Unread {
 /// escapes on the way is [`Unread::EscapedKey`] (property tested); on any other text it
 /// returns without panicking.
 pub fn at<'t>(text: &'t str, path: &[String]) -> Result<Found<'t>, Unread> {
-    let malformed = || Unread::Invalid("malformed JSON text".into());
     let mut scan = Scan { text, at: 0 };
     for (depth, segment) in path.iter().enumerate() {
         if scan.peek().ok_or_else(malformed)? != b'{' {
@@ -250,6 +249,11 @@ pub fn take_at(value: Value, path: &[String]) -> Option<Value> {
     })
 }
 
+/// Text the scan cannot follow (not checked JSON).
+fn malformed() -> Unread {
+    Unread::Invalid("malformed JSON text".into())
+}
+
 fn parse(text: &str) -> Result<Value, Unread> {
     serde_json::from_str(text).map_err(|e| Unread::Invalid(e.to_string()))
 }
@@ -267,7 +271,6 @@ impl<'a> Scan<'a> {
 
     /// Steps over the object at the cursor; where its last member named `name` starts.
     fn member(&mut self, name: &str) -> Result<Option<usize>, Unread> {
-        let malformed = || Unread::Invalid("malformed JSON text".into());
         self.at += 1;
         if self.peek().ok_or_else(malformed)? == b'}' {
             self.at += 1;
@@ -298,7 +301,6 @@ impl<'a> Scan<'a> {
 
     /// An object key without escapes (its text is its name).
     fn key(&mut self) -> Result<&'a str, Unread> {
-        let malformed = || Unread::Invalid("malformed JSON text".into());
         if self.peek() != Some(b'"') {
             return Err(malformed());
         }
