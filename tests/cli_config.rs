@@ -135,3 +135,15 @@ fn every_command_has_help() {
         );
     }
 }
+
+#[test]
+fn worker_threads_must_be_a_positive_number() {
+    for bad in ["0", "1.5", "two"] {
+        let (code, _, err) = common::run_cli(&["--worker-threads", bad, "snapshot", "verify", "x"]);
+        assert_eq!(code, 2, "--worker-threads {bad}: {err}");
+        assert!(err.contains("--worker-threads"), "{err}");
+    }
+    let (code, out, err) = common::run_cli(&["--worker-threads", "1", "run", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("--worker-threads"), "{out}");
+}

@@ -138,3 +138,37 @@ async fn fixture_projects_to_the_oracle_and_replay_changes_nothing() {
 async fn outcome_at(port: u16, outcome: &str) -> Option<f64> {
     metric(port, "projector_events_total", &[("outcome", outcome)]).await
 }
+
+/// The binary with a single async worker (`--worker-threads` through its environment
+/// variable): everything that must not block the runtime (the NATS connection, KV, acks,
+/// HTTP) shares one thread while the store applies on its own, and the fixture still projects
+/// to the oracle; SIGTERM drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_async_worker_projects_the_fixture() {
+    let server = NatsServer::start();
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    let (events, expected) = fixture();
+    publish_all(&js, events).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(&server, dir.path(), port, FIXTURE_PROJECTION);
+    let log = dir.path().join("projector.log");
+    let projector = Child2::run(&config, &[("NATS_PROJECTOR_WORKER_THREADS", "1")], &log);
+    wait_drained(&js, "ORDERS", "projector__orders_v1", DRAIN).await;
+    assert_eq!(
+        outcome_at(port, "applied").await,
+        expected["outcomes"]["applied"].as_f64(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(http_get(port, "/readyz").await.map(|r| r.0), Some(200));
+    assert_eq!(
+        projector.terminate(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
+}

@@ -21,6 +21,11 @@ pub struct Cli {
     /// Log filter (`info`, `debug`, `nats_projector=debug`...); `RUST_LOG` also works.
     #[arg(long, global = true)]
     pub log_level: Option<String>,
+    /// Threads of the async runtime (decoding, the NATS connection, KV, acks, HTTP); each
+    /// projection applies to redb on a thread of its own besides. Default: one per CPU the
+    /// process may use (a sidecar given a CPU share may want fewer).
+    #[arg(long, global = true, env = "NATS_PROJECTOR_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -244,6 +249,10 @@ pub fn main_with(reducers: Reducers) -> ExitCode {
         tracing::error!(%location, "internal failure: {message}");
     }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            cli.worker_threads
+                .map_or_else(default_worker_threads, usize::from),
+        )
         .enable_all()
         .build()
     {
@@ -257,6 +266,12 @@ pub fn main_with(reducers: Reducers) -> ExitCode {
     // Blocking store tasks must not outlive main.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     exit.into()
+}
+
+/// One per CPU this process may use (tokio's own default; one worker measured alike on the
+/// 2-core bench machine: benches/PERFORMANCE-LOG.md).
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) {

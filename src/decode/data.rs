@@ -184,6 +184,9 @@ pub enum Found<'t> {
     Missing,
     /// A string without escapes, borrowed from the text.
     Str(&'t str),
+    /// An integer of at most 18 digits, borrowed from the text: exactly what the parsed
+    /// number prints as (no `-0`, which parses to `-0.0`).
+    Integer(&'t str),
     /// Any other value (a JSON `null` included), parsed.
     Value(Value),
 }
@@ -233,7 +236,22 @@ pub fn at<'t>(text: &'t str, path: &[String]) -> Result<Found<'t>, Unread> {
         }
     }
     scan.skip().ok_or_else(malformed)?;
-    parse(text.get(start..scan.at).ok_or_else(malformed)?).map(Found::Value)
+    let token = text.get(start..scan.at).ok_or_else(malformed)?;
+    if is_short_integer(token) {
+        return Ok(Found::Integer(token));
+    }
+    parse(token).map(Found::Value)
+}
+
+/// Whether `token` (a JSON value's text) is an integer that prints back as itself once parsed:
+/// digits only after an optional minus, at most 18 of them (within `i64` either way), no `-0`.
+fn is_short_integer(token: &str) -> bool {
+    let digits = token.strip_prefix('-').unwrap_or(token);
+    let bytes = digits.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 18
+        && bytes.iter().all(u8::is_ascii_digit)
+        && (bytes[0] != b'0' || bytes.len() == 1 && digits.len() == token.len())
 }
 
 /// The value at `path` in `value`, taken out of it: objects by key, arrays by index.
@@ -465,6 +483,7 @@ mod tests {
         match at(text, &path) {
             Ok(Found::Missing) => Some(None),
             Ok(Found::Str(s)) => Some(Some(Value::String(s.to_owned()))),
+            Ok(Found::Integer(n)) => Some(Some(serde_json::from_str(n).unwrap())),
             Ok(Found::Value(v)) => Some(Some(v)),
             Err(Unread::EscapedKey) => None,
             Err(Unread::Invalid(why)) => panic!("{text}: {why}"),
@@ -543,7 +562,39 @@ mod tests {
         })
     }
 
+    #[test]
+    fn short_integers_are_those_that_print_back_as_written() {
+        for yes in ["0", "7", "-7", "123456789012345678", "-123456789012345678"] {
+            assert!(is_short_integer(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "-",
+            "-0",
+            "01",
+            "1.0",
+            "1e2",
+            "1234567890123456789",
+            "+1",
+            "\"1\"",
+        ] {
+            assert!(!is_short_integer(no), "{no}");
+        }
+    }
+
     proptest! {
+        /// A short integer prints back, once parsed, exactly as written (what lets a key
+        /// template borrow it from the text).
+        #[test]
+        fn short_integers_print_back(n in any::<i64>(), digits in "-?[0-9]{1,20}") {
+            for token in [n.to_string(), digits] {
+                if is_short_integer(&token) {
+                    let parsed: Value = serde_json::from_str(&token).unwrap();
+                    prop_assert_eq!(parsed.to_string(), token);
+                }
+            }
+        }
+
         /// Compact serializations are compact; a pretty one is exactly when it is the same
         /// text (no container with members to indent), spaces inside strings included.
         #[test]

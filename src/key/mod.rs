@@ -278,6 +278,8 @@ fn data_in_text<'a>(text: &'a str, path: &[String]) -> Resolved<'a> {
     match crate::decode::data_at(text, path) {
         Ok(Found::Missing) => Resolved::Missing,
         Ok(Found::Str(s)) => Resolved::Text(Cow::Borrowed(s)),
+        // Printed as the parsed number would be; an epoch parses it the same way.
+        Ok(Found::Integer(n)) => Resolved::Text(Cow::Borrowed(n)),
         Ok(Found::Value(value)) => owned(Some(value)),
         // A key with escapes on the way (rare): the text is parsed.
         Err(Unread::EscapedKey) => match serde_json::from_str::<Value>(text) {
