@@ -37,7 +37,7 @@ async fn a_bounded_replay_backfills_what_a_late_durable_missed() {
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
     wait_orders_drained(&js, Duration::from_secs(60)).await;
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
     let keys = expected["keys"].as_object().unwrap();
     // Keys with no message at all after 4900 (a re-published copy there would have been new
     // to the late durable, and applied).
@@ -220,7 +220,7 @@ async fn dead_letters_are_listed_and_replayed_after_a_fix() {
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
     wait_drained(&js, "EV", "projector__p_v1", Duration::from_secs(30)).await;
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
 
     let (code, out, err) = run_cli(&["dlq", "list", "--config", cfg(&config), "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -268,7 +268,7 @@ async fn dead_letters_are_listed_and_replayed_after_a_fix() {
     assert_eq!(info.state.messages, 9, "6 originals + 3 republished, not 4");
     let projector = Child2::run(&config, &[], &log);
     wait_drained(&js, "EV", "projector__p_v1", Duration::from_secs(30)).await;
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
     let (live, _) = kv_snapshot(&js, "p").await;
     for i in 0..3 {
         assert_eq!(

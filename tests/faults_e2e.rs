@@ -15,10 +15,7 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_store_holds_the_batch_then_recovers() {
     let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "ORDERS", &["orders.>"]).await;
-    let (events, expected) = fixture();
-    publish_all(&js, events).await;
+    let (js, expected) = publish_fixture(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 64\nbackoff = [\"300ms\"]");
@@ -54,7 +51,7 @@ async fn a_failing_store_holds_the_batch_then_recovers() {
         Some(0.0)
     );
     assert_eq!(http_get(port, "/readyz").await.map(|r| r.0), Some(200));
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
 
@@ -88,7 +85,7 @@ async fn a_store_failure_on_the_last_delivery_dead_letters_the_event() {
         metric(port, "projector_dead_letters_total", &labels).await,
         Some(3.0)
     );
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
     let dlq = js
         .get_stream("PROJECTOR_DLQ")
         .await
@@ -102,10 +99,7 @@ async fn a_store_failure_on_the_last_delivery_dead_letters_the_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
     let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "ORDERS", &["orders.>"]).await;
-    let (events, expected) = fixture();
-    publish_all(&js, events).await;
+    let (js, expected) = publish_fixture(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let projection = FIXTURE_PROJECTION.replace("batch = 64", "batch = 16\nack_wait = \"3s\"");
     let config = write_config(&server, dir.path(), 0, &projection);
@@ -127,12 +121,7 @@ async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
     )
     .await;
     let started = Instant::now();
-    assert_eq!(
-        projector.terminate(),
-        Some(0),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    projector.stop();
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "drained in {:?}",
@@ -152,7 +141,7 @@ async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
     assert!(out.contains(" 0 pending"), "{out}");
     let projector = Child2::run(&config, &[], &log);
     wait_orders_drained(&js, Duration::from_secs(60)).await;
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
 
@@ -163,10 +152,7 @@ async fn sigterm_in_the_middle_of_a_backlog_drains_and_exits_0() {
 async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
     use async_nats::jetstream::consumer::{AckPolicy, pull};
     let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "ORDERS", &["orders.>"]).await;
-    let (events, expected) = fixture();
-    publish_all(&js, events).await;
+    let (js, expected) = publish_fixture(&server).await;
     let stream = js.get_stream("ORDERS").await.unwrap();
     stream
         .create_consumer(pull::Config {
@@ -198,12 +184,12 @@ async fn a_durable_with_another_ack_policy_is_refused_with_the_reason() {
     );
     let info = stream.consumer_info("projector__orders_v1").await.unwrap();
     assert_eq!(info.delivered.stream_sequence, 0, "nothing consumed");
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
 
     let config = write_config(&server, dir.path(), port, FIXTURE_PROJECTION);
     let projector = Child2::run(&config, &[], &log);
     wait_orders_drained(&js, Duration::from_secs(60)).await;
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }
 
@@ -295,7 +281,7 @@ async fn a_batch_queued_behind_a_failed_one_is_applied_after_it() {
         retried.unwrap_or(0.0) >= 1.0,
         "retries are counted: {retried:?}"
     );
-    assert_eq!(run.projector.terminate(), Some(0));
+    run.projector.stop();
     let (live, deleted) = kv_snapshot(&run.js, "counts_view").await;
     assert!(deleted.is_empty());
     assert_eq!(live.len(), 40);
@@ -326,7 +312,7 @@ async fn a_disk_failure_after_unsynced_commits_reads_them_back() {
         run.tail()
     );
     let tail = run.tail();
-    assert_eq!(run.projector.terminate(), Some(0));
+    run.projector.stop();
     let store = nats_projector::store::Store::open(&run.dir.path().join("store.redb"), 8).unwrap();
     let records = store.records("counts@v1").unwrap();
     assert_eq!(records.len(), 40);

@@ -14,10 +14,7 @@ const DRAIN: Duration = Duration::from_secs(90);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_projects_to_the_oracle_and_replay_changes_nothing() {
     let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "ORDERS", &["orders.>"]).await;
-    let (events, expected) = fixture();
-    publish_all(&js, events).await;
+    let (js, expected) = publish_fixture(&server).await;
 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -146,10 +143,7 @@ async fn outcome_at(port: u16, outcome: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_async_worker_projects_the_fixture() {
     let server = NatsServer::start();
-    let (_client, js) = server.jetstream().await;
-    create_stream(&js, "ORDERS", &["orders.>"]).await;
-    let (events, expected) = fixture();
-    publish_all(&js, events).await;
+    let (js, expected) = publish_fixture(&server).await;
 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -164,11 +158,6 @@ async fn one_async_worker_projects_the_fixture() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(http_get(port, "/readyz").await.map(|r| r.0), Some(200));
-    assert_eq!(
-        projector.terminate(),
-        Some(0),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    projector.stop();
     assert_fixture_model(&js, &dir.path().join("store.redb"), &expected).await;
 }

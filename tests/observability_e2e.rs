@@ -155,7 +155,7 @@ async fn metrics_pass_promtool_and_readyz_follows_catch_up() {
             "an event id leaked into a label: {line}"
         );
     }
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +185,7 @@ async fn a_gap_turns_readyz_503_and_the_process_exits_3() {
     let log = dir.path().join("projector.log");
     let projector = Child2::run(&config, &[], &log);
     wait_drained(&js, "EV", "projector__p_v1", Duration::from_secs(30)).await;
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
 
     // The stream is deleted and re-created under the same name: its sequences start over.
     js.delete_stream("EV").await.unwrap();
@@ -280,9 +280,10 @@ async fn json_logs_carry_the_conventional_fields_and_never_a_payload() {
         .stdout(std::process::Stdio::null());
     let projector = Child2 {
         child: command.spawn().unwrap(),
+        log: log.clone(),
     };
     wait_drained(&js, "EV", "projector__p_v1", Duration::from_secs(30)).await;
-    assert_eq!(projector.terminate(), Some(0));
+    projector.stop();
 
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<Value> = text

@@ -244,5 +244,5 @@ async fn rebuild_with_a_changed_reducer_promotes_without_an_outage() {
     let (code, _, err) = run_cli(&["rebuild", "--config", v2.to_str().unwrap(), "docs"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not newer than the live v2"), "{err}");
-    assert_eq!(live.terminate(), Some(0));
+    live.stop();
 }

@@ -70,7 +70,7 @@ async fn a_backlog_is_drained_in_full_batches_and_matches_the_oracle() {
         "{count} backlogged events took {batches} batches (mean {mean:.0}, batch = 1000)\n{}",
         std::fs::read_to_string(&run.log).unwrap_or_default()
     );
-    assert_eq!(run.projector.terminate(), Some(0));
+    run.projector.stop();
     assert_fixture_model(&run.js, &run.dir.path().join("store.redb"), &run.oracle).await;
 }
 
@@ -92,6 +92,6 @@ async fn a_catch_up_over_few_keys_coalesces_kv_writes_across_batches() {
         "{count} backlogged events over 200 keys took {writes} KV writes\n{}",
         std::fs::read_to_string(&run.log).unwrap_or_default()
     );
-    assert_eq!(run.projector.terminate(), Some(0));
+    run.projector.stop();
     assert_fixture_model(&run.js, &run.dir.path().join("store.redb"), &run.oracle).await;
 }

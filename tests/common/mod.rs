@@ -105,9 +105,7 @@ impl NatsServer {
 
     /// The last `lines` lines of the server log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        file_tail(&self.log_path(), lines)
     }
 
     /// Kills the server (SIGKILL), keeping its store.
@@ -409,6 +407,16 @@ kv_bucket = "orders_view"
 batch = 64
 "#;
 
+/// Creates the ORDERS stream on `server` and publishes the fixture's 5,000 events to it;
+/// returns a JetStream context and the fixture's expected read model.
+pub async fn publish_fixture(server: &NatsServer) -> (jetstream::Context, serde_json::Value) {
+    let (_client, js) = server.jetstream().await;
+    create_stream(&js, "ORDERS", &["orders.>"]).await;
+    let (events, expected) = fixture();
+    publish_all(&js, events).await;
+    (js, expected)
+}
+
 /// Asserts that KV and the store both equal the fixture's expected read model.
 pub async fn assert_fixture_model(
     js: &jetstream::Context,
@@ -585,6 +593,8 @@ pub async fn create_bucket(js: &jetstream::Context, bucket: &str) {
 pub struct Child2 {
     /// The child.
     pub child: std::process::Child,
+    /// Where its stderr (the log) goes.
+    pub log: PathBuf,
 }
 
 impl Child2 {
@@ -612,6 +622,7 @@ impl Child2 {
         }
         Child2 {
             child: command.spawn().expect("spawn the projector"),
+            log: log.to_path_buf(),
         }
     }
 
@@ -639,6 +650,13 @@ impl Child2 {
         }
     }
 
+    /// SIGTERM, and asserts that the process drained and exited 0 (else shows its log's end).
+    pub fn stop(self) {
+        let log = self.log.clone();
+        let code = self.terminate();
+        assert_eq!(code, Some(0), "log tail:\n{}", file_tail(&log, 40));
+    }
+
     /// Waits for the process to end by itself (e.g. an injected crash).
     pub fn wait(mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
@@ -660,6 +678,13 @@ impl Drop for Child2 {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The last `lines` lines of a text file (empty if it cannot be read).
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A Prometheus tool (`prometheus`, `promtool`): `$PROMETHEUS_BIN`/`$PROMTOOL_BIN`, then PATH.
