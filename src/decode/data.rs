@@ -251,7 +251,8 @@ fn is_short_integer(token: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 18
         && bytes.iter().all(u8::is_ascii_digit)
-        && (bytes[0] != b'0' || bytes.len() == 1 && digits.len() == token.len())
+        // JSON allows a leading zero only alone; `-0` is the one to refuse.
+        && (bytes[0] != b'0' || (bytes.len() == 1 && digits.len() == token.len()))
 }
 
 /// The value at `path` in `value`, taken out of it: objects by key, arrays by index.
