@@ -235,10 +235,7 @@ fn epoch_of(part: &Part, ctx: &Context<'_>) -> Result<u64, Poison> {
     };
     match key::resolve(part, ctx) {
         Resolved::Missing => Err(bad("is missing")),
-        Resolved::Invalid(why) => Err(Poison::new(
-            ErrorCode::InvalidJson,
-            format!("data is not JSON at {}: {why}", key::describe(part)),
-        )),
+        Resolved::Invalid(why) => Err(key::invalid_data(part, &why)),
         Resolved::Json(value) => match value.as_ref() {
             Value::Number(n) => n.as_u64().ok_or_else(|| bad("is not an unsigned integer")),
             Value::String(s) => s.parse().map_err(|_| bad("is not an unsigned integer")),

@@ -154,8 +154,8 @@ async fn one_async_worker_projects_the_fixture() {
     assert_eq!(
         outcome_at(port, "applied").await,
         expected["outcomes"]["applied"].as_f64(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        "log tail:\n{}",
+        file_tail(&log, 40)
     );
     assert_eq!(http_get(port, "/readyz").await.map(|r| r.0), Some(200));
     projector.stop();

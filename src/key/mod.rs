@@ -166,12 +166,7 @@ impl Template {
                             ),
                         ));
                     }
-                    Resolved::Invalid(why) => {
-                        return Err(Poison::new(
-                            ErrorCode::InvalidJson,
-                            format!("data is not JSON at {}: {why}", describe(other)),
-                        ));
-                    }
+                    Resolved::Invalid(why) => return Err(invalid_data(other, &why)),
                     Resolved::Text(text) => push_value(&text, other, &self.source, &mut key)?,
                     Resolved::Json(value) => {
                         let text = scalar_text(&value).ok_or_else(|| {
@@ -298,6 +293,15 @@ fn scalar_text(value: &Value) -> Option<Cow<'_, str>> {
         Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
         Value::Null | Value::Object(_) | Value::Array(_) => None,
     }
+}
+
+/// The poison verdict for a placeholder whose place in the data's text does not parse
+/// ([`Resolved::Invalid`]), wherever the placeholder is used.
+pub fn invalid_data(part: &Part, why: &str) -> Poison {
+    Poison::new(
+        ErrorCode::InvalidJson,
+        format!("data is not JSON at {}: {why}", describe(part)),
+    )
 }
 
 /// How a placeholder is named in error messages.
