@@ -48,6 +48,7 @@ struct Tables {
     outbox: String,
     dead: String,
     checkpoint_key: String,
+    seq_bound_key: String,
 }
 
 impl Tables {
@@ -59,6 +60,7 @@ impl Tables {
             outbox: format!("outbox:{namespace}"),
             dead: format!("dead:{namespace}"),
             checkpoint_key: format!("checkpoint:{namespace}"),
+            seq_bound_key: format!("seq_bound:{namespace}"),
         }
     }
     /// key → bincode [`Record`].
@@ -317,6 +319,8 @@ pub struct Applied {
     /// Committed without an fsync ([`Store::apply_deferring`]): visible, but durable only once
     /// a later commit is, so nothing it settled may be acked before then.
     pub unsynced: bool,
+    /// Stored records the batch read (none when no record could change an outcome).
+    pub records_read: u64,
 }
 
 /// The state slot of a key while a batch is being applied.
@@ -374,6 +378,19 @@ impl Working {
         }
     }
 
+    /// The working copy of a record that is not read: any stored one has a sequence at most
+    /// `bound`, below every event the batch folds into it ([`Store::apply`]).
+    fn unread(bound: u64) -> Working {
+        Working {
+            slot: Slot::Unread,
+            seq: bound,
+            event_id: String::new(),
+            epoch: None,
+            kv_revision: 0,
+            dirty: false,
+        }
+    }
+
     fn take_state(&mut self) -> Result<Option<Value>, StoreError> {
         match std::mem::replace(&mut self.slot, Slot::Empty) {
             Slot::Empty => Ok(None),
@@ -424,6 +441,9 @@ pub struct Store {
     run_index: Mutex<runs::RunIndex>,
     /// A batch's working space, used only under a write transaction.
     scratch: Mutex<Scratch>,
+    /// Whether a batch may skip reading its keys' records when their contents cannot change
+    /// its outcome ([`Store::apply`]); off only in tests that compare both ways.
+    unread_keys: std::sync::atomic::AtomicBool,
 }
 
 /// A batch's keys and working records, kept (empty) between batches: the next batch reuses
@@ -491,6 +511,7 @@ impl Store {
             filters: Mutex::default(),
             run_index: Mutex::default(),
             scratch: Mutex::default(),
+            unread_keys: std::sync::atomic::AtomicBool::new(true),
         };
         store.check_format()?;
         Ok(store)
@@ -585,6 +606,11 @@ impl Store {
     /// dedupe id applied within the window is a duplicate; an epoch below the key's is stale;
     /// otherwise the event is applied (or deleted by `delete_on`). Duplicates and stale events
     /// change nothing, not even the key's sequence or event id.
+    ///
+    /// Each batch reads its keys' records once, unless none could change an outcome: the store
+    /// keeps a bound on every record's sequence (`seq_bound:<namespace>` in the meta table), and
+    /// a batch of a reducer that does not read the state, whose events are all above it and
+    /// carry no epoch (a catch-up, or steady state), writes its keys without reading them first.
     fn apply_unguarded(
         &self,
         spec: &Spec,
@@ -664,6 +690,11 @@ impl Store {
             let mut applied_count = 0u64;
             let needs_state = spec.reducer.needs_state();
             let infallible = spec.reducer.infallible();
+            let bound = match meta.get(tables.seq_bound_key.as_str())? {
+                Some(v) => decode::<u64>(v.value())?,
+                // Not kept yet (a store of an earlier build): found once, kept from now on.
+                None => highest_seq(&records)?,
+            };
 
             // Dead letters among this batch's sequences, read with one range scan (usually
             // none) instead of one lookup per event.
@@ -684,9 +715,17 @@ impl Store {
             let settled = |seq: u64| {
                 (below_floor == BelowFloor::Skip && seq <= floor) || dead_here.contains(&seq)
             };
+            // Invariant (sequences only grow): no stored record has a sequence above `bound`.
+            // When every event to fold is above it and carries no epoch, and the reducer does
+            // not read the state, nothing a record holds can change an outcome: the records are
+            // not read, and what the fold keeps of them (epoch, KV revision) is taken from the
+            // values the writes below replace.
+            let mut unread =
+                !needs_state && self.unread_keys.load(std::sync::atomic::Ordering::Relaxed);
             for (index, item) in items.iter_mut().enumerate() {
                 if let Item::Event(p) = item {
                     if !settled(p.seq) {
+                        unread &= p.seq > bound && p.epoch.is_none();
                         keyed.push((std::mem::take(&mut p.key), index as u32));
                     }
                 }
@@ -695,9 +734,18 @@ impl Store {
             slot_of.resize(items.len(), u32::MAX);
             for (key, index) in keyed.drain(..) {
                 if slots.last().is_none_or(|(last, _)| *last != key) {
-                    let stored = records.get(key.as_str())?;
+                    let stored = match unread {
+                        true => None,
+                        false => {
+                            applied.records_read += 1;
+                            records.get(key.as_str())?
+                        }
+                    };
                     let stored = stored.as_ref().map(|v| decode(v.value())).transpose()?;
-                    let mut w = Working::from_stored(stored, needs_state);
+                    let mut w = match unread {
+                        true => Working::unread(bound),
+                        false => Working::from_stored(stored, needs_state),
+                    };
                     if let Some(rev) = confirmed_revisions.get(key.as_str()) {
                         w.kv_revision = w.kv_revision.max(*rev);
                     }
@@ -828,10 +876,37 @@ impl Store {
             // (and copies on write) fewer pages than in arrival order. KV writes follow the
             // same order (deterministic).
             let mut bytes = Vec::new();
+            let mut highest = bound;
             for (key, w) in slots.drain(..).filter(|(_, w)| w.dirty) {
-                let record = w.into_record()?;
+                let mut record = w.into_record()?;
+                highest = highest.max(record.seq);
                 encode_into(&record, &mut bytes)?;
-                records.insert(key.as_str(), bytes.as_slice())?;
+                let replaced = records.insert(key.as_str(), bytes.as_slice())?;
+                if unread {
+                    // The fold would have kept the replaced record's epoch and KV revision.
+                    let kept = match replaced.as_ref().map(|v| decode::<RecordRef>(v.value())) {
+                        None => None,
+                        Some(Ok(old)) if old.seq > bound => {
+                            return Err(StoreError::Corrupted(format!(
+                                "key {key:?} holds sequence {} above the store's bound {bound}",
+                                old.seq
+                            )));
+                        }
+                        Some(old) => Some(old.map(|old| (old.epoch, old.kv_revision))?),
+                    };
+                    drop(replaced);
+                    if let Some((epoch, revision)) = kept {
+                        let revision = revision.max(record.kv_revision);
+                        if epoch.is_some() || revision != record.kv_revision {
+                            record.epoch = epoch;
+                            record.kv_revision = revision;
+                            encode_into(&record, &mut bytes)?;
+                            records.insert(key.as_str(), bytes.as_slice())?;
+                        }
+                    }
+                } else {
+                    drop(replaced);
+                }
                 if with_kv {
                     outbox.insert(key.as_str(), record.seq)?;
                     applied.kv_writes.push(KvWrite {
@@ -860,6 +935,9 @@ impl Store {
                 tables.checkpoint_key.as_str(),
                 encode(&checkpoint)?.as_slice(),
             )?;
+            // In the same transaction as the records it bounds (an unsynced commit lost later
+            // loses both).
+            meta.insert(tables.seq_bound_key.as_str(), encode(&highest)?.as_slice())?;
             applied.outbox_len = outbox.len()?;
             applied.keys = records.len()?;
         }
@@ -1019,6 +1097,16 @@ fn records_in(
 }
 
 /// The dead letters of a namespace, by stream sequence.
+/// The highest sequence of any record of `records` (0 when empty).
+fn highest_seq(records: &RecordsTable<'_>) -> Result<u64, StoreError> {
+    let mut highest = 0;
+    for entry in records.iter()? {
+        let (_, value) = entry?;
+        highest = highest.max(decode::<RecordRef>(value.value())?.seq);
+    }
+    Ok(highest)
+}
+
 fn dead_letters_in(
     txn: &redb::ReadTransaction,
     tables: &Tables,
@@ -1176,6 +1264,7 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 type OutboxTable<'t> = redb::Table<'t, &'static str, u64>;
 type DeadTable<'t> = redb::Table<'t, u64, &'static [u8]>;
+type RecordsTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 type DedupeTable<'t> = redb::Table<'t, (u64, &'static str), (u64, u64)>;
 type RunsTable<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
 
@@ -1473,6 +1562,11 @@ impl Store {
             meta.insert(
                 tables.checkpoint_key.as_str(),
                 encode(&contents.checkpoint)?.as_slice(),
+            )?;
+            let highest = contents.records.iter().map(|(_, r)| r.seq).max();
+            meta.insert(
+                tables.seq_bound_key.as_str(),
+                encode(&highest.unwrap_or(0))?.as_slice(),
             )?;
         }
         txn.commit()?;

@@ -345,3 +345,187 @@ fn a_store_open_elsewhere_is_locked() {
     };
     assert_eq!(err.kind(), StoreErrorKind::Locked, "{err}");
 }
+
+/// What [`unread_records_change_nothing`] does to both stores.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A batch of new events `(key, delete, epoch)`; with `redeliver`, the batch also carries
+    /// the event that many sequences back again (older than the newest applied).
+    Batch {
+        events: Vec<(u8, bool, Option<u8>)>,
+        redeliver: Option<u8>,
+    },
+    /// Events far ahead of the stream position applied as a backfill (a replay past the
+    /// checkpoint): the live events after it are older for those keys.
+    Backfill(Vec<u8>),
+    /// KV confirms every stored key at a new revision (folded into the next batch).
+    Confirm,
+    /// The namespace exported from the first store and imported into both.
+    Import,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let event = (
+        0u8..12,
+        prop::bool::weighted(0.1),
+        prop::option::weighted(0.15, 0u8..4),
+    );
+    prop_oneof![
+        8 => (prop::collection::vec(event, 1..20), prop::option::weighted(0.2, 1u8..30))
+            .prop_map(|(events, redeliver)| Step::Batch { events, redeliver }),
+        1 => prop::collection::vec(0u8..12, 1..4).prop_map(Step::Backfill),
+        1 => Just(Step::Confirm),
+        1 => Just(Step::Import),
+    ]
+}
+
+/// A `latest` projection with or without KV and an epoch field (same namespace either way).
+fn latest_spec(kv: bool, epoch: bool) -> Spec {
+    let toml = format!(
+        "[[projection]]\nname = \"t\"\nstream = \"S\"\nkey = \"{{data.k}}\"\nreducer = \"latest\"\n\
+         delete_on = [\"deleted\"]\n{}{}",
+        if kv { "kv_bucket = \"kv\"\n" } else { "" },
+        if epoch {
+            "epoch = \"{data.epoch}\"\n"
+        } else {
+            ""
+        },
+    );
+    let config = Config::parse(&toml, Path::new(".")).expect("valid config");
+    Spec::compile(&config.projection[0], None).expect("compiles")
+}
+
+fn event_item(spec: &Spec, seq: u64, key: u8, delete: bool, epoch: Option<u8>) -> Item {
+    let payload = serde_json::to_vec(&serde_json::json!({"specversion": "1.0",
+        "id": format!("e{seq}"), "source": "t", "type": if delete { "deleted" } else { "set" },
+        "data": {"k": format!("k{key}"), "v": seq, "epoch": epoch}}))
+    .unwrap();
+    let view = MessageView {
+        seq,
+        subject: "s",
+        headers: None,
+        payload: &payload,
+        publish_ms: seq,
+    };
+    Item::Event(spec.prepare(&view).unwrap())
+}
+
+/// Runs `steps` against two stores, one that may skip reading records and one that always
+/// reads them: every batch has the same outcomes and KV writes, and the stores end equal.
+/// Returns how many batches the first store applied without reading a record.
+fn compare_unread(kv: bool, steps: &[Step]) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let unread = Store::open(&dir.path().join("a.redb"), 4).unwrap();
+    let read = Store::open(&dir.path().join("b.redb"), 4).unwrap();
+    read.unread_keys
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let (plain, with_epoch) = (latest_spec(kv, false), latest_spec(kv, true));
+    let namespace = plain.namespace.clone();
+    let (mut next, mut house, mut skipped, mut revision) = (1u64, Housekeeping::default(), 0, 0);
+    for step in steps {
+        match step {
+            Step::Batch { events, redeliver } => {
+                let epochs = events.iter().any(|(_, _, e)| e.is_some());
+                let spec = if epochs { &with_epoch } else { &plain };
+                let mut batch: Vec<(u64, u8, bool, Option<u8>)> = Vec::new();
+                // With an epoch field every event must carry one.
+                let epoch_of = |e: Option<u8>| if epochs { Some(e.unwrap_or(0)) } else { None };
+                for (key, delete, epoch) in events {
+                    batch.push((next, *key, *delete, epoch_of(*epoch)));
+                    next += 1;
+                }
+                if let Some(back) = redeliver {
+                    let seq = next.saturating_sub(u64::from(*back) + 1).max(1);
+                    batch.push((seq, (seq % 12) as u8, false, epoch_of(None)));
+                }
+                let make = || {
+                    batch
+                        .iter()
+                        .map(|&(seq, key, delete, epoch)| event_item(spec, seq, key, delete, epoch))
+                        .collect::<Vec<_>>()
+                };
+                let a = unread.apply(spec, make(), &house, None).unwrap();
+                let b = read.apply(spec, make(), &house, None).unwrap();
+                house = Housekeeping::default();
+                assert_eq!(a.outcomes, b.outcomes, "{step:?}");
+                assert_eq!(a.kv_writes, b.kv_writes, "{step:?}");
+                assert_eq!(a.keys, b.keys);
+                assert!(b.records_read > 0);
+                if a.records_read == 0 {
+                    skipped += 1;
+                }
+            }
+            Step::Backfill(keys) => {
+                let items = |store: &Store| {
+                    let items = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(i, key)| {
+                            event_item(&plain, next + 100 + i as u64, *key, false, None)
+                        })
+                        .collect();
+                    store.backfill(&plain, items).unwrap().outcomes
+                };
+                assert_eq!(items(&unread), items(&read));
+            }
+            Step::Confirm => {
+                revision += 1;
+                house.kv_confirmed = unread
+                    .records(&namespace)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(key, r)| KvConfirmed {
+                        key,
+                        seq: r.seq,
+                        revision: revision * 1000 + r.seq,
+                    })
+                    .collect();
+            }
+            Step::Import => {
+                let contents = unread.export(&namespace).unwrap();
+                unread.import(&namespace, &contents, kv).unwrap();
+                read.import(&namespace, &contents, kv).unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        unread.export(&namespace).unwrap(),
+        read.export(&namespace).unwrap()
+    );
+    skipped
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Skipping the records' reads is invisible: outcomes, KV writes (revision hints
+    /// included) and every stored record (epochs and KV revisions kept from before) are those
+    /// of a store that reads every record, across backfills past the stream position,
+    /// redeliveries, epochs that come and go, KV confirmations and imports.
+    #[test]
+    fn unread_records_change_nothing(
+        kv in proptest::bool::ANY,
+        steps in proptest::collection::vec(step(), 1..40),
+    ) {
+        compare_unread(kv, &steps);
+    }
+}
+
+/// The comparison above does exercise the unread path (and the read one after a backfill).
+#[test]
+fn the_unread_path_is_taken_while_events_are_newer_than_every_record() {
+    let batch = |keys: &[u8]| Step::Batch {
+        events: keys.iter().map(|k| (*k, false, None)).collect(),
+        redeliver: None,
+    };
+    let steps = [
+        batch(&[1, 2, 3]),
+        batch(&[1, 4]),
+        Step::Backfill(vec![2]),
+        batch(&[2, 5]),
+    ];
+    // Two batches skip reading; the one after the backfill (its key 2 is ahead) reads.
+    assert_eq!(compare_unread(false, &steps), 2);
+    assert_eq!(compare_unread(true, &steps), 2);
+}
