@@ -20,8 +20,20 @@ fn outcomes(store: &Store, spec: &Spec, items: Vec<Item>) -> Vec<Outcome> {
 }
 
 fn item(spec: &Spec, seq: u64, ms: u64, id: &str, data: serde_json::Value) -> Item {
+    typed_item(spec, seq, ms, id, "updated", data)
+}
+
+/// An event of type `event_type`, prepared as the pipeline would.
+fn typed_item(
+    spec: &Spec,
+    seq: u64,
+    ms: u64,
+    id: &str,
+    event_type: &str,
+    data: serde_json::Value,
+) -> Item {
     let payload = serde_json::to_vec(&serde_json::json!({"specversion": "1.0", "id": id,
-        "source": "t", "type": "updated", "data": data}))
+        "source": "t", "type": event_type, "data": data}))
     .unwrap();
     let view = MessageView {
         seq,
@@ -397,18 +409,9 @@ fn latest_spec(kv: bool, epoch: bool) -> Spec {
 }
 
 fn event_item(spec: &Spec, seq: u64, key: u8, delete: bool, epoch: Option<u8>) -> Item {
-    let payload = serde_json::to_vec(&serde_json::json!({"specversion": "1.0",
-        "id": format!("e{seq}"), "source": "t", "type": if delete { "deleted" } else { "set" },
-        "data": {"k": format!("k{key}"), "v": seq, "epoch": epoch}}))
-    .unwrap();
-    let view = MessageView {
-        seq,
-        subject: "s",
-        headers: None,
-        payload: &payload,
-        publish_ms: seq,
-    };
-    Item::Event(spec.prepare(&view).unwrap())
+    let event_type = if delete { "deleted" } else { "set" };
+    let data = serde_json::json!({"k": format!("k{key}"), "v": seq, "epoch": epoch});
+    typed_item(spec, seq, seq, &format!("e{seq}"), event_type, data)
 }
 
 /// Runs `steps` against two stores, one that may skip reading records and one that always
