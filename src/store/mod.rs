@@ -734,17 +734,13 @@ impl Store {
             slot_of.resize(items.len(), u32::MAX);
             for (key, index) in keyed.drain(..) {
                 if slots.last().is_none_or(|(last, _)| *last != key) {
-                    let stored = match unread {
-                        true => None,
-                        false => {
-                            applied.records_read += 1;
-                            records.get(key.as_str())?
-                        }
-                    };
-                    let stored = stored.as_ref().map(|v| decode(v.value())).transpose()?;
-                    let mut w = match unread {
-                        true => Working::unread(bound),
-                        false => Working::from_stored(stored, needs_state),
+                    let mut w = if unread {
+                        Working::unread(bound)
+                    } else {
+                        applied.records_read += 1;
+                        let stored = records.get(key.as_str())?;
+                        let stored = stored.as_ref().map(|v| decode(v.value())).transpose()?;
+                        Working::from_stored(stored, needs_state)
                     };
                     if let Some(rev) = confirmed_revisions.get(key.as_str()) {
                         w.kv_revision = w.kv_revision.max(*rev);
@@ -882,30 +878,26 @@ impl Store {
                 highest = highest.max(record.seq);
                 encode_into(&record, &mut bytes)?;
                 let replaced = records.insert(key.as_str(), bytes.as_slice())?;
-                if unread {
-                    // The fold would have kept the replaced record's epoch and KV revision.
-                    let kept = match replaced.as_ref().map(|v| decode::<RecordRef>(v.value())) {
-                        None => None,
-                        Some(Ok(old)) if old.seq > bound => {
-                            return Err(StoreError::Corrupted(format!(
-                                "key {key:?} holds sequence {} above the store's bound {bound}",
-                                old.seq
-                            )));
-                        }
-                        Some(old) => Some(old.map(|old| (old.epoch, old.kv_revision))?),
-                    };
-                    drop(replaced);
-                    if let Some((epoch, revision)) = kept {
-                        let revision = revision.max(record.kv_revision);
-                        if epoch.is_some() || revision != record.kv_revision {
-                            record.epoch = epoch;
-                            record.kv_revision = revision;
-                            encode_into(&record, &mut bytes)?;
-                            records.insert(key.as_str(), bytes.as_slice())?;
-                        }
+                // Unread, the fold would have kept the replaced record's epoch and KV revision.
+                let replaced_unread = replaced.as_ref().filter(|_| unread);
+                let kept = match replaced_unread.map(|v| decode::<RecordRef>(v.value())) {
+                    Some(Ok(old)) if old.seq > bound => {
+                        return Err(StoreError::Corrupted(format!(
+                            "key {key:?} holds sequence {} above the store's bound {bound}",
+                            old.seq
+                        )));
                     }
-                } else {
-                    drop(replaced);
+                    old => old.transpose()?.map(|old| (old.epoch, old.kv_revision)),
+                };
+                drop(replaced);
+                if let Some((epoch, revision)) = kept {
+                    let revision = revision.max(record.kv_revision);
+                    if epoch.is_some() || revision != record.kv_revision {
+                        record.epoch = epoch;
+                        record.kv_revision = revision;
+                        encode_into(&record, &mut bytes)?;
+                        records.insert(key.as_str(), bytes.as_slice())?;
+                    }
                 }
                 if with_kv {
                     outbox.insert(key.as_str(), record.seq)?;
@@ -1096,7 +1088,6 @@ fn records_in(
     Ok(out)
 }
 
-/// The dead letters of a namespace, by stream sequence.
 /// The highest sequence of any record of `records` (0 when empty).
 fn highest_seq(records: &RecordsTable<'_>) -> Result<u64, StoreError> {
     let mut highest = 0;
@@ -1107,6 +1098,7 @@ fn highest_seq(records: &RecordsTable<'_>) -> Result<u64, StoreError> {
     Ok(highest)
 }
 
+/// The dead letters of a namespace, by stream sequence.
 fn dead_letters_in(
     txn: &redb::ReadTransaction,
     tables: &Tables,
