@@ -84,8 +84,8 @@ impl RawJson {
         self.0.into_boxed_bytes().into_vec()
     }
 
-    pub(super) fn of(raw: &serde_json::value::RawValue) -> RawJson {
-        RawJson(raw.get().into())
+    pub(super) fn of(raw: &str) -> RawJson {
+        RawJson(raw.into())
     }
 }
 

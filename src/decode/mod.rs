@@ -6,6 +6,7 @@
 
 mod code;
 mod data;
+mod fast;
 
 pub use code::{ErrorCode, Poison};
 pub use data::{
@@ -154,6 +155,12 @@ impl Default for Decoder {
 impl Decoder {
     /// Decodes one payload.
     pub fn decode(&self, payload: &[u8]) -> Result<Event, Poison> {
+        self.decode_with(payload, true)
+    }
+
+    /// Decodes one payload, the common shape by one scan first when `fast` (the same event
+    /// or poison either way: [`fast`]'s invariant).
+    fn decode_with(&self, payload: &[u8], fast: bool) -> Result<Event, Poison> {
         if payload.len() > self.max_bytes {
             return Err(Poison::new(
                 ErrorCode::TooLarge,
@@ -182,50 +189,34 @@ impl Decoder {
                 ),
             ));
         }
-        let seed = EnvelopeSeed {
-            decoder: self,
-            data_field: match &self.format {
-                Format::CloudEvents => "data",
-                Format::Fields(map) => &map.data,
-            },
+        let data_field = match &self.format {
+            Format::CloudEvents => "data",
+            Format::Fields(map) => &map.data,
         };
-        let mut de = serde_json::Deserializer::from_slice(payload);
-        let (read, envelope, data) = match serde::de::DeserializeSeed::deserialize(seed, &mut de)
-            .and_then(|parsed| de.end().map(|()| parsed))
+        let (mut read, mut envelope, mut data) =
+            (Read::default(), Map::new(), Data::Parsed(Value::Null));
+        // Filled in place (what the scan leaves when it declines is replaced whole).
+        if !(fast
+            && fast::envelope(
+                self,
+                data_field,
+                payload,
+                &mut read,
+                &mut envelope,
+                &mut data,
+            ))
         {
-            Ok(parsed) => parsed,
-            // The one-pass parse stops at the first surprise: a full syntax check tells valid
-            // JSON of another type than an object from a syntax error anywhere (which wins).
-            Err(err) => {
-                let err = match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
-                    Ok(_) if err.is_data() => {
-                        return Err(Poison::new(
-                            ErrorCode::InvalidEnvelope,
-                            "payload is not a JSON object",
-                        ));
-                    }
-                    Ok(_) => err,
-                    Err(syntax) => syntax,
-                };
-                return Err(Poison::new(
-                    ErrorCode::InvalidJson,
-                    format!(
-                        "payload is not JSON (line {}, column {})",
-                        err.line(),
-                        err.column()
-                    ),
-                ));
-            }
-        };
+            (read, envelope, data) = self.parse_envelope(data_field, payload)?;
+        }
         let (data, raw_data) = match data {
             Data::Parsed(value) => (value, None),
             Data::Text(raw) => {
                 // The text is kept only when compact; other data is parsed whole, and a state
                 // made of it is written compact.
-                if data::is_compact(raw.get()) {
+                if data::is_compact(raw) {
                     (Value::Null, Some(RawJson::of(raw)))
                 } else {
-                    let value = serde_json::from_str(raw.get()).map_err(|e| {
+                    let value = serde_json::from_str(raw).map_err(|e| {
                         Poison::new(ErrorCode::InvalidJson, format!("data is not JSON: {e}"))
                     })?;
                     (value, None)
@@ -240,6 +231,47 @@ impl Decoder {
         Ok(event)
     }
 
+    /// The envelope by the parser's pass: the one pass that checks anything (see
+    /// [`fast`] for the scan that takes the common shape first).
+    fn parse_envelope<'de>(
+        &self,
+        data_field: &str,
+        payload: &'de [u8],
+    ) -> Result<(Read<'de>, Map<String, Value>, Data<'de>), Poison> {
+        let seed = EnvelopeSeed {
+            decoder: self,
+            data_field,
+        };
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        match serde::de::DeserializeSeed::deserialize(seed, &mut de)
+            .and_then(|parsed| de.end().map(|()| parsed))
+        {
+            Ok(parsed) => Ok(parsed),
+            // The one-pass parse stops at the first surprise: a full syntax check tells valid
+            // JSON of another type than an object from a syntax error anywhere (which wins).
+            Err(err) => {
+                let err = match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+                    Ok(_) if err.is_data() => {
+                        return Err(Poison::new(
+                            ErrorCode::InvalidEnvelope,
+                            "payload is not a JSON object",
+                        ));
+                    }
+                    Ok(_) => err,
+                    Err(syntax) => syntax,
+                };
+                Err(Poison::new(
+                    ErrorCode::InvalidJson,
+                    format!(
+                        "payload is not JSON (line {}, column {})",
+                        err.line(),
+                        err.column()
+                    ),
+                ))
+            }
+        }
+    }
+
     /// Whether the top-level field `name` is kept in [`Event::envelope`] ([`Decoder::keep`]).
     fn keeps(&self, name: &str) -> bool {
         match &self.keep {
@@ -251,7 +283,7 @@ impl Decoder {
     /// The names of the envelope fields decoding reads, by slot (see [`Read`]).
     fn read_names(&self) -> [Option<&str>; READ_SLOTS] {
         match &self.format {
-            Format::CloudEvents => CLOUDEVENT_FIELDS.map(Some),
+            Format::CloudEvents => CLOUDEVENT_FIELDS,
             Format::Fields(map) => [
                 Some(map.id.as_str()),
                 Some(map.event_type.as_str()),
@@ -267,15 +299,15 @@ impl Decoder {
 }
 
 /// The CloudEvents attributes decoding reads (the data aside), in their slots' order.
-const CLOUDEVENT_FIELDS: [&str; READ_SLOTS] = [
-    "specversion",
-    "source",
-    "id",
-    "type",
-    "data_base64",
-    "time",
-    "correlationid",
-    "dataversion",
+const CLOUDEVENT_FIELDS: [Option<&str>; READ_SLOTS] = [
+    Some("specversion"),
+    Some("source"),
+    Some("id"),
+    Some("type"),
+    Some("data_base64"),
+    Some("time"),
+    Some("correlationid"),
+    Some("dataversion"),
 ];
 
 const READ_SLOTS: usize = 8;
@@ -377,8 +409,8 @@ struct EnvelopeSeed<'a> {
 enum Data<'de> {
     /// Parsed (whole or along the paths).
     Parsed(Value),
-    /// Its text, to keep.
-    Text(&'de serde_json::value::RawValue),
+    /// Its text, to keep (as the parser checked it).
+    Text(&'de str),
 }
 
 impl<'de, 'a> serde::de::DeserializeSeed<'de> for EnvelopeSeed<'a> {
@@ -411,7 +443,9 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
                     DataParse::Paths(tree) => {
                         Data::Parsed(access.next_value_seed(data::Partial(tree))?)
                     }
-                    DataParse::Text => Data::Text(access.next_value()?),
+                    DataParse::Text => {
+                        Data::Text(access.next_value::<&serde_json::value::RawValue>()?.get())
+                    }
                 };
                 continue;
             }
@@ -422,16 +456,8 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
             {
                 Some(slot) => {
                     let value = access.next_value_seed(FieldSeed)?;
-                    // A field map may name one field for two roles.
-                    for (other, n) in names.iter().enumerate().skip(slot + 1) {
-                        if n.is_some_and(|n| same_name(n, &name)) {
-                            read[other] = Some(value.clone());
-                        }
-                    }
-                    if kept {
-                        envelope.insert(name.into_owned(), value.clone().into_value());
-                    }
-                    read[slot] = Some(value);
+                    let kept = kept.then_some(&mut envelope);
+                    fill_slots(&names, slot, &mut read, kept, name, value);
                 }
                 None if kept => {
                     envelope.insert(name.into_owned(), access.next_value()?);
@@ -443,6 +469,27 @@ impl<'de, 'a> serde::de::Visitor<'de> for EnvelopeSeed<'a> {
         }
         Ok((read, envelope, data))
     }
+}
+
+/// Puts the value of the read field `name` in its `slot`, in the later slots that name it too
+/// (a field map may name one field for two roles), and in `kept` (the envelope map) if given.
+fn fill_slots<'de>(
+    names: &[Option<&str>; READ_SLOTS],
+    slot: usize,
+    read: &mut Read<'de>,
+    kept: Option<&mut Map<String, Value>>,
+    name: std::borrow::Cow<'_, str>,
+    value: Field<'de>,
+) {
+    for (other, n) in names.iter().enumerate().skip(slot + 1) {
+        if n.is_some_and(|n| same_name(n, &name)) {
+            read[other] = Some(value.clone());
+        }
+    }
+    if let Some(envelope) = kept {
+        envelope.insert(name.into_owned(), value.clone().into_value());
+    }
+    read[slot] = Some(value);
 }
 
 /// Field-name equality compared in line: names are short, and `==` on strings of equal length
