@@ -3,11 +3,11 @@
 //! ([`DataParse::Text`], the `latest` reducer). Everything else is checked for syntax as the
 //! parser checks it and stepped over without being built.
 //!
-//! Invariant: when [`envelope`] returns true, what it filled is what the parser's pass
+//! Invariant: when [`envelope`] returns `Some`, what it filled is what the parser's pass
 //! (`EnvelopeSeed` over `serde_json`) returns for the same payload. Whatever this scan does not
 //! follow exactly (invalid UTF-8, an escape in a top-level name or in a string it would keep, a
 //! kept or read field that is not a string, another data parse, any syntax error) returns
-//! false, and the parser decides, errors included (property tested against it).
+//! `None`, and the parser decides, errors included (property tested against it).
 
 use std::borrow::Cow;
 
@@ -18,21 +18,9 @@ use super::{Data, DataParse, Decoder, Field, Read, fill_slots, same_name};
 /// Deepest nesting the scan follows (a bit per level); deeper data goes to the parser.
 const MAX_LEVELS: usize = 128;
 
-/// Fills `read`, `envelope` and `data` (fresh ones) as the parser's pass would for `payload`,
-/// and returns true; or returns false, having filled them in part (see the module).
+/// Fills `read`, `envelope` and `data` (fresh ones) as the parser's pass would for `payload`;
+/// `None` where it declines, having filled them in part (see the module).
 pub(super) fn envelope<'de>(
-    decoder: &Decoder,
-    data_field: &str,
-    payload: &'de [u8],
-    read: &mut Read<'de>,
-    envelope: &mut Map<String, Value>,
-    data: &mut Data<'de>,
-) -> bool {
-    scan(decoder, data_field, payload, read, envelope, data).is_some()
-}
-
-/// [`envelope`], `None` where it declines.
-fn scan<'de>(
     decoder: &Decoder,
     data_field: &str,
     payload: &'de [u8],
@@ -315,7 +303,7 @@ mod tests {
     fn scanned(decoder: &Decoder, payload: &[u8]) -> bool {
         let (mut read, mut map, mut data) =
             (Read::default(), Map::new(), Data::Parsed(Value::Null));
-        envelope(decoder, "data", payload, &mut read, &mut map, &mut data)
+        envelope(decoder, "data", payload, &mut read, &mut map, &mut data).is_some()
     }
 
     #[test]
@@ -370,8 +358,25 @@ mod tests {
     /// Pieces of JSON text, valid and not, that the generator strings together.
     fn string_piece() -> impl Strategy<Value = &'static str> {
         prop::sample::select(vec![
-            "a", "k", "1.0", " ", "é", "\\n", "\\\"", "\\\\", "\\/", "\\u00e9", "\\ud800",
-            "\\uZZ00", "\\x", "\\", "\u{1}", "\t", "\u{1f}", "\u{7f}", "abcdefgh\"",
+            "a",
+            "k",
+            "1.0",
+            " ",
+            "é",
+            "\\n",
+            "\\\"",
+            "\\\\",
+            "\\/",
+            "\\u00e9",
+            "\\ud800",
+            "\\uZZ00",
+            "\\x",
+            "\\",
+            "\u{1}",
+            "\t",
+            "\u{1f}",
+            "\u{7f}",
+            "abcdefgh\"",
         ])
     }
 

@@ -196,7 +196,7 @@ impl Decoder {
         let (mut read, mut envelope, mut data) =
             (Read::default(), Map::new(), Data::Parsed(Value::Null));
         // Filled in place (what the scan leaves when it declines is replaced whole).
-        if !(fast
+        let scanned = fast
             && fast::envelope(
                 self,
                 data_field,
@@ -204,8 +204,9 @@ impl Decoder {
                 &mut read,
                 &mut envelope,
                 &mut data,
-            ))
-        {
+            )
+            .is_some();
+        if !scanned {
             (read, envelope, data) = self.parse_envelope(data_field, payload)?;
         }
         let (data, raw_data) = match data {
