@@ -137,10 +137,21 @@ impl StoreError {
     }
 }
 
+/// A redb I/O error as a [`StoreError`]: transient, except a read past the end of the file,
+/// which means the file's own pointers lead beyond it (a truncated or damaged store): no retry
+/// mends that, so it fails closed.
+fn io_error(io: std::io::Error) -> StoreError {
+    if io.kind() == std::io::ErrorKind::UnexpectedEof {
+        StoreError::Corrupted(format!("a read past the end of the file ({io})"))
+    } else {
+        StoreError::Io(io)
+    }
+}
+
 impl From<redb::StorageError> for StoreError {
     fn from(err: redb::StorageError) -> Self {
         match err {
-            redb::StorageError::Io(io) => StoreError::Io(io),
+            redb::StorageError::Io(io) => io_error(io),
             redb::StorageError::Corrupted(what) => StoreError::Corrupted(what),
             redb::StorageError::PreviousIo => StoreError::Io(std::io::Error::other(
                 "an earlier I/O error poisoned the database",
@@ -155,7 +166,7 @@ macro_rules! from_redb {
         impl From<$ty> for StoreError {
             fn from(err: $ty) -> Self {
                 match redb::Error::from(err) {
-                    redb::Error::Io(io) => StoreError::Io(io),
+                    redb::Error::Io(io) => io_error(io),
                     redb::Error::Corrupted(what) => StoreError::Corrupted(what),
                     redb::Error::PreviousIo => StoreError::Io(std::io::Error::other(
                         "an earlier I/O error poisoned the database",

@@ -532,3 +532,19 @@ fn the_unread_path_is_taken_while_events_are_newer_than_every_record() {
     assert_eq!(compare_unread(false, &steps), 2);
     assert_eq!(compare_unread(true, &steps), 2);
 }
+
+#[test]
+fn a_read_past_the_end_of_the_file_is_corruption_other_io_errors_are_transient() {
+    use std::io::{Error, ErrorKind};
+    let eof = StoreError::from(redb::StorageError::Io(Error::from(
+        ErrorKind::UnexpectedEof,
+    )));
+    assert_eq!(eof.kind(), StoreErrorKind::Corrupted);
+    assert!(eof.to_string().contains("corrupted"), "{eof}");
+    let full = StoreError::from(redb::StorageError::Io(Error::from(ErrorKind::StorageFull)));
+    assert_eq!(full.kind(), StoreErrorKind::Transient);
+    let eof = StoreError::from(redb::CommitError::Storage(redb::StorageError::Io(
+        Error::from(ErrorKind::UnexpectedEof),
+    )));
+    assert_eq!(eof.kind(), StoreErrorKind::Corrupted);
+}
