@@ -173,21 +173,28 @@ async fn acked_through(stream: &jetstream::stream::Stream, durable: &str, events
     }
 }
 
-/// `o.runs` catch-ups of `latest` over `stream`, with a KV bucket of their own or none: the
-/// rates, and the projector's and nats-server's CPU per event.
+/// `o.runs` catch-ups of `latest` over `stream`, each with a KV bucket of its own: the rates,
+/// and the projector's and nats-server's CPU per event.
 async fn latest_catchups(
     server: &NatsServer,
     js: &jetstream::Context,
     stream: &str,
-    kv: bool,
     ack_policy: &str,
     o: &Options,
 ) -> (Vec<f64>, Vec<(f64, f64)>) {
     let (mut rates, mut cpu) = (Vec::new(), Vec::new());
     for run in 0..o.runs {
         let bucket = format!("brandom{run}");
-        let bucket = kv.then_some(bucket.as_str());
-        let c = catchup(server, js, stream, "latest", bucket, o.events, ack_policy).await;
+        let c = catchup(
+            server,
+            js,
+            stream,
+            "latest",
+            Some(&bucket),
+            o.events,
+            ack_policy,
+        )
+        .await;
         rates.push(c.rate);
         cpu.push((c.projector_cpu_us, c.server_cpu_us));
     }
@@ -1002,7 +1009,7 @@ async fn main() {
     // UUIDv4-shaped ids with KV (their dedupe markers scatter over the marker table).
     if wanted("random-ids") {
         let (label, stream) = ("random-ids", "K10KR");
-        let (rates, cpu) = latest_catchups(&server, &js, stream, true, &kv_acks, &o).await;
+        let (rates, cpu) = latest_catchups(&server, &js, stream, &kv_acks, &o).await;
         let (rate, cpu, server_cpu) = medians(rates, cpu);
         rows.push((
             format!(
